@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install everything adadpo-megatron needs on a fresh machine (Python 3.11+, pip, gcc).
+# torch goes first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# Never installs transformer-engine on a CPU machine (a partial install breaks megatron-core).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install --quiet --upgrade pip
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet "torch==${ADADPO_TORCH_VERSION:-2.13.0}"
+fi
+"$PY" -m pip install --quiet -e ".[test,plot]"
