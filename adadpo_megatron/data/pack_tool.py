@@ -1,0 +1,438 @@
+"""``adadpo-pack``: preference JSONL in, packed dataset directory out.
+
+    adadpo-pack INPUT.jsonl --output DIR --tokenizer PATH --pack-size N
+        [--max-seq-len N] [--min-prompt-tokens N] [--algorithm ffd|first_fit_shuffle|bfd]
+        [--seed S] [--align N] [--chat-template auto|tokenizer|none|chatml|llama3|plain|PATH]
+        [--no-bos] [--no-eos] [--bos-token TEXT] [--eos-token TEXT] [--strict] [--overwrite]
+
+Input forms: :mod:`adadpo_megatron.data.records`. BOS/EOS and truncation rules:
+:mod:`adadpo_megatron.data.encode`. Chat templates: :mod:`adadpo_megatron.data.chat_template`.
+Directory layout: :mod:`adadpo_megatron.data.packed_format`. Read it back with
+:class:`adadpo_megatron.data.packed_dataset.PackedPairDataset`.
+
+Every input line ends up either as a packed pair or as a line of ``rejects.jsonl`` (blank
+lines too): ``lines_read == pairs_packed + lines_rejected`` is checked before anything is
+written. ``--strict`` turns the first rejection into an error naming the file and line.
+The directory is built as ``DIR.tmp-XXXX`` beside ``DIR`` and renamed into place at the end,
+so an interrupted run never leaves a ``DIR`` that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adadpo_megatron.data.chat_template import TEMPLATE_CHOICES, resolve_chat_template
+from adadpo_megatron.data.encode import EncodeConfig, NoChatTemplateError, PairEncoder
+from adadpo_megatron.data.packed_format import (
+    DATA_FILES,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    META_FILE,
+    REJECTS_FILE,
+    dataset_fingerprint,
+)
+from adadpo_megatron.data.packed_writer import PackedWriter
+from adadpo_megatron.data.records import PreferenceRecord, RecordRejected, iter_lines, parse_line
+from adadpo_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
+from adadpo_megatron.packing import ALGORITHMS, pack_pairs
+
+__all__ = ["PackError", "PackOptions", "build_parser", "main", "pack_jsonl"]
+
+_EPILOG = """\
+sequences: each sequence is [BOS] + prompt + completion + [EOS]. The text prompt+completion is
+  tokenized as one string; prompt tokens are never scored, completion tokens and the EOS are.
+  BOS is added unless the text already starts with it (--no-bos: never); EOS is added unless
+  the completion already ends with it (--no-eos: never).
+truncation (only with --max-seq-len L, per sequence, BOS/EOS included): the prompt loses
+  tokens from the left as needed but keeps at least --min-prompt-tokens (default L//2); then
+  sequences still over L are cut from the right (EOS first, then completion tokens). A pair with
+  no completion token left, or whose two sequences exceed --pack-size, is rejected.
+chat templates apply to conversational lines (message lists) only; plain-string lines are
+  used as is.
+output: DIR/tokens.bin+.idx (megatron-core indexed dataset, one document per sequence),
+  DIR/index.npz (pack plan, per-sequence prompt lengths, pair ids, roles, source lines),
+  DIR/rejects.jsonl ({"line", "reason", "detail"}), DIR/meta.json.
+"""
+
+
+class PackError(Exception):
+    """A user-facing failure of the pack tool (bad flag, bad file, --strict rejection)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackOptions:
+    """Everything one run needs; the CLI flags of the same names."""
+
+    input: Path
+    """Preference JSONL file."""
+    output: Path
+    """Directory to create."""
+    tokenizer: Path
+    """sentencepiece .model, HF tokenizer.json, or a directory holding one."""
+    encode: EncodeConfig
+    """Pack size, BOS/EOS, truncation and alignment."""
+    algorithm: str = "ffd"
+    """Packing algorithm (adadpo_megatron.packing.ALGORITHMS)."""
+    seed: int = 0
+    """Seed of first_fit_shuffle (recorded for all)."""
+    chat_template: str = "auto"
+    """--chat-template value."""
+    bos_token: str | None = None
+    """Override of the tokenizer's BOS token text."""
+    eos_token: str | None = None
+    """Override of the tokenizer's EOS token text."""
+    strict: bool = False
+    """Fail on the first rejected line instead of recording it."""
+    overwrite: bool = False
+    """Replace an existing packed dataset at ``output``."""
+    progress: bool | None = None
+    """tqdm progress bar; None: only when stderr is a terminal."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``adadpo-pack`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="adadpo-pack",
+        description="Tokenize, validate and pack preference pairs (JSONL) into a packed dataset.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", type=Path, help="preference JSONL: {prompt, chosen, rejected} per line")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--output", "-o", type=Path, required=True, help="directory to create")
+    io.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        help="sentencepiece .model, HF tokenizer.json, or a directory holding one",
+    )
+    io.add_argument("--overwrite", action="store_true", help="replace an existing packed dataset")
+    io.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad line (default: record it in rejects.jsonl)",
+    )
+    tok = p.add_argument_group("sequences")
+    tok.add_argument(
+        "--chat-template",
+        default="auto",
+        metavar="NAME",
+        help=f"one of {', '.join(TEMPLATE_CHOICES)}, or a .jinja file (default auto)",
+    )
+    tok.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not prepend BOS")
+    tok.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not append EOS")
+    tok.add_argument(
+        "--bos-token", metavar="TEXT", help="BOS token text, overriding the tokenizer's"
+    )
+    tok.add_argument(
+        "--eos-token", metavar="TEXT", help="EOS token text, overriding the tokenizer's"
+    )
+    tok.add_argument(
+        "--max-seq-len",
+        type=int,
+        metavar="N",
+        help="truncate each sequence to N tokens (default: no truncation)",
+    )
+    tok.add_argument(
+        "--min-prompt-tokens",
+        type=int,
+        metavar="N",
+        help="prompt tokens truncation keeps (default: max-seq-len // 2)",
+    )
+    pk = p.add_argument_group("packing")
+    pk.add_argument(
+        "--pack-size", type=int, required=True, metavar="N", help="token slots per pack"
+    )
+    pk.add_argument("--algorithm", choices=ALGORITHMS, default="ffd", help="default ffd")
+    pk.add_argument("--seed", type=int, default=0, help="seed of first_fit_shuffle (default 0)")
+    pk.add_argument(
+        "--align",
+        type=int,
+        default=1,
+        metavar="N",
+        help="count each sequence rounded up to a multiple of N against --pack-size: "
+        "set it to the trainer's segment padding (2*CP, times TP with sequence "
+        "parallelism) so padded packs still fit (default 1)",
+    )
+    return p
+
+
+def _options(args: argparse.Namespace) -> PackOptions:
+    encode = EncodeConfig(
+        capacity=args.pack_size,
+        add_bos=args.add_bos,
+        add_eos=args.add_eos,
+        max_seq_len=args.max_seq_len,
+        min_prompt_tokens=args.min_prompt_tokens,
+        align=args.align,
+    )
+    return PackOptions(
+        input=args.input,
+        output=args.output,
+        tokenizer=args.tokenizer,
+        encode=encode,
+        algorithm=args.algorithm,
+        seed=args.seed,
+        chat_template=args.chat_template,
+        bos_token=args.bos_token,
+        eos_token=args.eos_token,
+        strict=args.strict,
+        overwrite=args.overwrite,
+    )
+
+
+def _progress(opts: PackOptions, total: int) -> Any:
+    from tqdm import tqdm
+
+    enabled = sys.stderr.isatty() if opts.progress is None else opts.progress
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="adadpo-pack",
+        disable=not enabled,
+        file=sys.stderr,
+    )
+
+
+_CHUNK_LINES = 1024  # lines tokenized per batch call (the tokenizers use all cores on a batch)
+
+
+def _read_input(opts: PackOptions, encoder: PairEncoder, writer: PackedWriter) -> dict[str, Any]:
+    """Pass over the input: every line becomes a pair or a reject. Returns input facts."""
+    digest, lines_read = hashlib.sha256(), 0
+    facts = {"conversational_pairs": 0}
+    chunk: list[tuple[int, PreferenceRecord | RecordRejected]] = []
+    with open(opts.input, "rb") as stream, _progress(opts, opts.input.stat().st_size) as bar:
+        for number, raw in iter_lines(stream):
+            lines_read += 1
+            digest.update(raw)
+            bar.update(len(raw))
+            try:
+                chunk.append((number, parse_line(raw, number)))
+            except RecordRejected as exc:
+                chunk.append((number, exc))
+            if len(chunk) == _CHUNK_LINES:
+                _flush(chunk, opts, encoder, writer, facts)
+        _flush(chunk, opts, encoder, writer, facts)
+    return {"lines_read": lines_read, "sha256": digest.hexdigest(), **facts}
+
+
+def _flush(
+    chunk: list[tuple[int, PreferenceRecord | RecordRejected]],
+    opts: PackOptions,
+    encoder: PairEncoder,
+    writer: PackedWriter,
+    facts: dict[str, int],
+) -> None:
+    """Tokenize a chunk of parsed lines and record each outcome in line order; empties it."""
+    records = [item for _, item in chunk if isinstance(item, PreferenceRecord)]
+    encoded = iter(encoder.encode_many(records))
+    for number, item in chunk:
+        outcome = next(encoded) if isinstance(item, PreferenceRecord) else item
+        if isinstance(outcome, NoChatTemplateError):
+            raise PackError(f"{opts.input}:{number}: {outcome}")
+        if isinstance(outcome, RecordRejected):
+            if opts.strict:
+                raise PackError(
+                    f"{opts.input}:{number}: {outcome.reason}: {outcome.detail} (--strict stops "
+                    "at the first bad line; without it the line goes to rejects.jsonl)"
+                )
+            writer.reject(number, outcome)
+            continue
+        facts["conversational_pairs"] += int(item.conversational)  # type: ignore[union-attr]
+        writer.add(outcome, number)
+    chunk.clear()
+
+
+def _write_index(directory: Path, writer: PackedWriter, opts: PackOptions) -> dict[str, Any]:
+    """Pack, write index.npz; return the packing facts for meta.json."""
+    lengths = np.asarray(writer.lengths, dtype=np.int64).reshape(-1, 2)
+    cfg = opts.encode
+    plan = pack_pairs(
+        lengths[:, 0],
+        lengths[:, 1],
+        cfg.capacity,
+        algorithm=opts.algorithm,
+        seed=opts.seed,
+        align=cfg.align,
+    )
+    n = writer.num_pairs
+    np.savez(
+        directory / INDEX_FILE,
+        pack_offsets=plan.pack_offsets,
+        pair_order=plan.pair_order,
+        pack_of_pair=plan.pack_of_pair,
+        pack_tokens=plan.pack_tokens,
+        seq_prompt_len=np.asarray(writer.prompt_lens, dtype=np.int64),
+        seq_pair_id=np.repeat(np.arange(n, dtype=np.int64), 2),
+        seq_is_chosen=np.tile(np.array([True, False]), n),
+        pair_source_line=np.asarray(writer.source_lines, dtype=np.int64),
+    )
+    real_tokens = int(lengths.sum())
+    return {
+        "num_packs": plan.num_packs,
+        "real_tokens": real_tokens,
+        "efficiency": plan.efficiency(real_tokens),
+        "packs_lower_bound": math.ceil(real_tokens / cfg.capacity),
+    }
+
+
+def _meta(
+    opts: PackOptions, tok: Tokenizer, writer: PackedWriter, facts: dict[str, Any], template: Any
+) -> dict[str, Any]:
+    cfg = opts.encode
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_by": "adadpo-pack",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": {"path": str(opts.input.resolve()), "sha256": facts.pop("sha256")},
+        "tokenizer": {
+            "kind": tok.kind,
+            "path": str(tok.path.resolve()),
+            "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+        },
+        "token_dtype": writer.dtype.name,
+        "add_bos": cfg.add_bos,
+        "add_eos": cfg.add_eos,
+        "chat_template": None
+        if template is None
+        else {"name": template.name, "sha256": template.sha256},
+        "max_seq_len": cfg.max_seq_len,
+        "min_prompt_tokens": cfg.min_prompt_tokens,
+        "capacity": cfg.capacity,
+        "align": cfg.align,
+        "algorithm": opts.algorithm,
+        "seed": opts.seed,
+        "pairs_packed": writer.num_pairs,
+        "lines_rejected": writer.reasons.total(),
+        "rejects_by_reason": dict(sorted(writer.reasons.items())),
+        "prompts_truncated": writer.prompts_truncated,
+        "completions_truncated": writer.completions_truncated,
+        **facts,
+    }
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise PackError(f"--output {out} exists; pass --overwrite to replace it")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file()):
+        raise PackError(
+            f"--output {out} exists and is not a packed dataset (no {META_FILE}); "
+            "--overwrite only replaces packed datasets or empty directories: remove it yourself"
+        )
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` directory to ``out`` (replacing an old dataset if allowed)."""
+    _check_output(out, overwrite)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
+    """Run the whole tool: read, validate, tokenize, pack and write ``opts.output``.
+
+    Returns:
+        The ``meta.json`` contents (a dict).
+
+    Raises:
+        PackError: any user-facing failure (bad flag or file, --strict rejection, existing
+            output). Nothing is left at ``opts.output`` then, nor any temporary directory.
+    """
+    out = opts.output
+    _check_output(out, opts.overwrite)
+    if not opts.input.is_file():
+        raise PackError(f"input {opts.input}: no such file")
+    try:
+        tok = load_tokenizer(opts.tokenizer, bos_token=opts.bos_token, eos_token=opts.eos_token)
+        template = resolve_chat_template(opts.chat_template, tok)
+        encoder = PairEncoder(tok, template, opts.encode)
+    except (OSError, ValueError, ImportError) as exc:
+        raise PackError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    writer: PackedWriter | None = None
+    try:
+        writer = PackedWriter(tmp, tok)
+        facts = _read_input(opts, encoder, writer)
+        if facts["lines_read"] != writer.num_pairs + writer.reasons.total():
+            raise RuntimeError(
+                f"internal error: {facts['lines_read']} lines read != {writer.num_pairs} packed "
+                f"+ {writer.reasons.total()} rejected"
+            )
+        writer.close(tmp)
+        facts.update(_write_index(tmp, writer, opts))
+        meta = _meta(opts, tok, writer, facts, template)
+        meta["files"] = {name: file_sha256(tmp / name) for name in DATA_FILES}
+        meta["dataset_fingerprint"] = dataset_fingerprint(meta["files"], tok.fingerprint)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _publish(tmp, out, opts.overwrite)
+    except BaseException:
+        if writer is not None and not writer.rejects.closed:
+            writer.close(None)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def summary_line(meta: dict[str, Any], output: Path, seconds: float) -> str:
+    """The one-line summary printed at the end of a run."""
+    reasons = ", ".join(f"{k} {v}" for k, v in meta["rejects_by_reason"].items())
+    return (
+        f"adadpo-pack: {meta['lines_read']} lines read = {meta['pairs_packed']} pairs packed + "
+        f"{meta['lines_rejected']} rejected{f' ({reasons})' if reasons else ''}; "
+        f"{meta['num_packs']} packs of {meta['capacity']} tokens "
+        f"(lower bound {meta['packs_lower_bound']}), efficiency {meta['efficiency']:.1%}, "
+        f"{meta['real_tokens']} tokens -> {output} in {seconds:.1f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of ``adadpo-pack``; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.seed < 2**64:
+        parser.error(f"--seed must be in [0, 2^64), got {args.seed}")
+    start = time.perf_counter()
+    try:
+        opts = _options(args)
+        meta = pack_jsonl(opts)
+    except (PackError, ValueError) as exc:
+        print(f"adadpo-pack: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary_line(meta, opts.output, time.perf_counter() - start))
+    if meta["pairs_packed"] == 0:
+        print(
+            f"adadpo-pack: error: no pair was packed; {opts.output / REJECTS_FILE} says why",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Streaming writer of a packed dataset's token file and rejects (see packed_format)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from adadpo_megatron.data.encode import EncodedPair
+from adadpo_megatron.data.packed_format import REJECTS_FILE, TOKENS_PREFIX, indexed_dataset_module
+from adadpo_megatron.data.records import RecordRejected
+from adadpo_megatron.data.tokenizer import Tokenizer
+
+__all__ = ["PackedWriter"]
+
+
+class PackedWriter:
+    """Accumulates pairs (tokens straight into the indexed-dataset builder) and rejects.
+
+    Writes ``tokens.bin`` and ``rejects.jsonl`` into ``directory`` as it goes; keeps the
+    per-sequence lengths and prompt lengths and the per-pair source lines in memory (a few
+    bytes a pair) for the pack plan and ``index.npz``.
+    """
+
+    def __init__(self, directory: Path, tokenizer: Tokenizer) -> None:
+        indexed = indexed_dataset_module()
+        self.dtype = np.dtype(indexed.DType.optimal_dtype(tokenizer.vocab_size))
+        self.max_id = min(tokenizer.vocab_size, np.iinfo(self.dtype).max + 1)
+        self.builder = indexed.IndexedDatasetBuilder(
+            str(directory / "tokens.bin"), dtype=self.dtype.type
+        )
+        self.rejects = open(directory / REJECTS_FILE, "w", encoding="utf-8")
+        self.reasons: Counter[str] = Counter()
+        self.lengths: list[int] = []
+        self.prompt_lens: list[int] = []
+        self.source_lines: list[int] = []
+        self.prompts_truncated = 0
+        self.completions_truncated = 0
+
+    def add(self, pair: EncodedPair, line: int) -> None:
+        """Store both sequences of a pair read from 1-based input ``line``."""
+        for seq, prompt_len in (
+            (pair.chosen, pair.chosen_prompt_len),
+            (pair.rejected, pair.rejected_prompt_len),
+        ):
+            if int(seq.max()) >= self.max_id or int(seq.min()) < 0:
+                raise ValueError(
+                    f"line {line}: token id {int(seq.max())} does not fit the vocabulary size "
+                    f"{self.max_id} ({self.dtype}); the tokenizer's vocab_size is wrong"
+                )
+            self.builder.add_document(seq.astype(self.dtype), [len(seq)])
+            self.lengths.append(len(seq))
+            self.prompt_lens.append(prompt_len)
+        self.source_lines.append(line)
+        self.prompts_truncated += int(pair.prompt_truncated)
+        self.completions_truncated += pair.completions_truncated
+
+    def reject(self, line: int, exc: RecordRejected) -> None:
+        """Append ``{"line", "reason", "detail"}`` to rejects.jsonl."""
+        self.reasons[exc.reason] += 1
+        entry = {"line": line, "reason": exc.reason, "detail": exc.detail}
+        self.rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    @property
+    def num_pairs(self) -> int:
+        """Pairs stored so far."""
+        return len(self.source_lines)
+
+    def close(self, directory: Path | None) -> None:
+        """Close the files; with ``directory``, finalize the .idx there."""
+        self.rejects.close()
+        if directory is None:
+            self.builder.data_file.close()
+        else:
+            self.builder.finalize(str(directory / f"{TOKENS_PREFIX}.idx"))
