@@ -40,13 +40,14 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
-        "hf": ["transformers>=4.45", "gguf>=0.10"],
+        "hf": ["transformers>=4.45", "gguf>=0.10", "accelerate", "safetensors"],
         "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5"],
     },
     entry_points={
         "console_scripts": [
             "adadpo-train=adadpo_megatron.train:main",
             "adadpo-pack=adadpo_megatron.data.pack_tool:main",
+            "adadpo-plan=adadpo_megatron.planner_cli:main",
         ],
     },
 )

@@ -1,0 +1,283 @@
+"""Llama-architecture weights between Hugging Face and megatron-core, at any TP/PP/VPP.
+
+Pure tensor bookkeeping on CPU (no process group); ``tools/convert_hf_to_megatron.py``
+adds the file formats. Names are megatron-core's local-spec ``GPTModel`` names (its
+dist-checkpoints map them onto the Transformer Engine names, so either spec loads them).
+
+Layouts that differ from Hugging Face's separate projections:
+
+* ``linear_qkv.weight`` ``[g * (a/g + 2) * d, h]``: for each query group (KV head) in
+  turn, the ``a/g`` query heads of that group, then its key head, then its value head.
+  Worked example, a=4 heads, g=2 groups, d=1: rows ``[q0, q1, k0, v0, q2, q3, k1, v1]``.
+  TP splits it by whole groups (rank r: groups ``[r*g/TP, (r+1)*g/TP)``).
+* ``linear_fc1.weight`` ``[2F, h]`` = ``[gate; up]`` (SwiGLU); under TP each rank holds
+  ``[gate_r; up_r]`` (its slice of each), not a slice of the concatenation.
+* Column-parallel (``linear_qkv``, ``linear_fc1``, embedding, output layer) split dim 0;
+  row-parallel (``linear_proj``, ``linear_fc2``) split dim 1; norms are replicated.
+* The vocabulary is padded with zero rows to a multiple of ``divisible_by * TP``
+  (Megatron-LM's ``--make-vocab-size-divisible-by``) and unpadded on the way back.
+* Pipeline: model chunk ``c`` of pipeline rank ``p`` holds global layers
+  ``[(c*PP + p) * n, (c*PP + p + 1) * n)``, ``n = L / (PP * VPP)``, numbered from 0 within
+  the chunk; the embedding sits on (p=0, c=0), the final norm and output layer on
+  (p=PP-1, c=VPP-1). With tied embeddings and PP > 1 the last stage holds a copy of the
+  embedding as ``output_layer.weight`` (megatron-core keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+# (tp_rank, pp_rank) -> one state dict per model chunk of that rank
+Shards = dict[tuple[int, int], list[StateDict]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaShape:
+    """The Llama-architecture hyper-parameters the conversion needs."""
+
+    num_layers: int
+    """HF num_hidden_layers / --num-layers."""
+    hidden_size: int
+    """HF hidden_size / --hidden-size."""
+    ffn_hidden_size: int
+    """HF intermediate_size / --ffn-hidden-size."""
+    num_attention_heads: int
+    """HF num_attention_heads / --num-attention-heads."""
+    num_query_groups: int
+    """HF num_key_value_heads / --num-query-groups."""
+    head_dim: int
+    """HF head_dim (hidden / heads for Llama)."""
+    vocab_size: int
+    """Tokenizer vocabulary (unpadded)."""
+    tie_embeddings: bool
+    """HF tie_word_embeddings (not --untie-embeddings-and-output-weights)."""
+    norm_epsilon: float = 1e-5
+    """HF rms_norm_eps / --norm-epsilon."""
+    rope_theta: float = 10000.0
+    """HF rope_theta / --rotary-base."""
+    max_position_embeddings: int = 4096
+    """HF max_position_embeddings."""
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any) -> LlamaShape:
+        """From a transformers ``LlamaConfig`` or the dict of a ``config.json``."""
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        heads = get("num_attention_heads")
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        theta = get("rope_theta") or rope.get("rope_theta") or 10000.0
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"rope scaling {rope} is not supported by these weights' target "
+                             "(megatron-core RoPE without scaling): use a Llama 3.0-style config")
+        return cls(
+            num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
+            ffn_hidden_size=get("intermediate_size"), num_attention_heads=heads,
+            num_query_groups=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or get("hidden_size") // heads,
+            vocab_size=get("vocab_size"), tie_embeddings=bool(get("tie_word_embeddings", False)),
+            norm_epsilon=get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+            max_position_embeddings=get("max_position_embeddings", 4096),
+        )
+
+    def trainer_flags(self) -> list[str]:
+        """The adadpo-train / Megatron-LM model flags that build this architecture."""
+        flags = [
+            "--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
+            "--ffn-hidden-size", str(self.ffn_hidden_size),
+            "--num-attention-heads", str(self.num_attention_heads),
+            "--group-query-attention", "--num-query-groups", str(self.num_query_groups),
+            "--normalization", "RMSNorm", "--norm-epsilon", str(self.norm_epsilon), "--swiglu",
+            "--position-embedding-type", "rope", "--rotary-base", str(int(self.rope_theta)),
+            "--disable-bias-linear",
+        ]
+        return flags + ([] if self.tie_embeddings else ["--untie-embeddings-and-output-weights"])
+
+    def check(self, tp: int, pp: int, vpp: int) -> None:
+        """Raise ValueError if this shape cannot be split ``tp`` x ``pp`` x ``vpp`` ways."""
+        g, a = self.num_query_groups, self.num_attention_heads
+        for what, n, flag in (("query groups (KV heads)", g, "--tp"), ("heads", a, "--tp"),
+                              ("FFN width", self.ffn_hidden_size, "--tp")):
+            if n % tp:
+                raise ValueError(f"{n} {what} are not divisible by TP={tp}: choose {flag} "
+                                 f"among the divisors of {math.gcd(g, a)}")
+        if self.num_layers % (pp * vpp):
+            raise ValueError(f"{self.num_layers} layers are not divisible by PP*VPP={pp * vpp}")
+
+
+def _hf_layer(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def hf_to_megatron(hf: StateDict, shape: LlamaShape, *, divisible_by: int = 128,
+                   tp: int = 1) -> StateDict:
+    """HF Llama state dict -> one unsplit megatron-core state dict (local-spec names).
+
+    The vocabulary is zero-padded to a multiple of ``divisible_by * tp`` rows. Tensors keep
+    their dtype. Raises KeyError naming a missing HF tensor.
+    """
+    s, out = shape, {}
+    d, g = s.head_dim, s.num_query_groups
+    per_group = s.num_attention_heads // g
+    multiple = divisible_by * tp
+    padded = math.ceil(s.vocab_size / multiple) * multiple
+    out["embedding.word_embeddings.weight"] = _pad_rows(hf["model.embed_tokens.weight"], padded)
+    for i in range(s.num_layers):
+        src, dst = _hf_layer(i), f"decoder.layers.{i}."
+        q = hf[src + "self_attn.q_proj.weight"].reshape(g, per_group * d, -1)
+        k = hf[src + "self_attn.k_proj.weight"].reshape(g, d, -1)
+        v = hf[src + "self_attn.v_proj.weight"].reshape(g, d, -1)
+        out[dst + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).flatten(0, 1)
+        out[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"]
+        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
+        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], 0)
+        out[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
+    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+    if not s.tie_embeddings:
+        out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], padded)
+    return out
+
+
+def megatron_to_hf(mc: StateDict, shape: LlamaShape) -> StateDict:
+    """Unsplit megatron-core state dict -> HF Llama state dict (vocabulary unpadded).
+
+    A tied model gets ``lm_head.weight`` only when the source holds ``output_layer.weight``
+    (never for an unsplit tied checkpoint); HF ties it on load.
+    """
+    s, hf = shape, {}
+    d, g, v_rows = s.head_dim, s.num_query_groups, s.vocab_size
+    per_group = s.num_attention_heads // g
+    hf["model.embed_tokens.weight"] = mc["embedding.word_embeddings.weight"][:v_rows]
+    for i in range(s.num_layers):
+        src, dst = f"decoder.layers.{i}.", _hf_layer(i)
+        qkv = mc[src + "self_attention.linear_qkv.weight"]
+        qkv = qkv.reshape(g, (per_group + 2) * d, qkv.shape[-1])
+        q, k, v = qkv.split([per_group * d, d, d], dim=1)
+        hf[dst + "self_attn.q_proj.weight"] = q.flatten(0, 1)
+        hf[dst + "self_attn.k_proj.weight"] = k.flatten(0, 1)
+        hf[dst + "self_attn.v_proj.weight"] = v.flatten(0, 1)
+        hf[dst + "self_attn.o_proj.weight"] = mc[src + "self_attention.linear_proj.weight"]
+        hf[dst + "input_layernorm.weight"] = mc[src + "input_layernorm.weight"]
+        hf[dst + "post_attention_layernorm.weight"] = mc[src + "pre_mlp_layernorm.weight"]
+        gate, up = mc[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        hf[dst + "mlp.gate_proj.weight"] = gate
+        hf[dst + "mlp.up_proj.weight"] = up
+        hf[dst + "mlp.down_proj.weight"] = mc[src + "mlp.linear_fc2.weight"]
+    hf["model.norm.weight"] = mc["decoder.final_layernorm.weight"]
+    if not s.tie_embeddings:
+        hf["lm_head.weight"] = mc["output_layer.weight"][:v_rows]
+    return {k: t.contiguous() for k, t in hf.items()}
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] > rows:
+        raise ValueError(f"vocabulary tensor has {t.shape[0]} rows, more than {rows}")
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if t.shape[0] < rows else t
+
+
+# How each per-layer tensor is split over TP: dim, and whether fc1's [gate; up] halves split
+# separately. Everything not listed (norms) is replicated.
+_TP_SPLIT = {
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_proj.weight": 1,
+    "mlp.linear_fc1.weight": 0,
+    "mlp.linear_fc2.weight": 1,
+    "embedding.word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+}
+
+
+def _split_tp(name: str, t: Tensor, tp: int) -> list[Tensor]:
+    suffix = name.split("decoder.layers.", 1)[-1].split(".", 1)[-1] if "layers." in name else name
+    dim = _TP_SPLIT.get(suffix)
+    if dim is None or tp == 1:
+        return [t] * tp
+    if suffix == "mlp.linear_fc1.weight":
+        gates, ups = (half.chunk(tp, 0) for half in t.chunk(2, 0))
+        return [torch.cat([gt, up]) for gt, up in zip(gates, ups, strict=True)]
+    return [c.contiguous() for c in t.chunk(tp, dim)]  # qkv: whole groups, groups contiguous
+
+
+def _merge_tp(name: str, parts: list[Tensor]) -> Tensor:
+    suffix = name.split("decoder.layers.", 1)[-1].split(".", 1)[-1] if "layers." in name else name
+    dim = _TP_SPLIT.get(suffix)
+    if dim is None or len(parts) == 1:
+        return parts[0]
+    if suffix == "mlp.linear_fc1.weight":
+        halves = [p.chunk(2, 0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    return torch.cat(parts, dim)
+
+
+def _chunk_layers(shape: LlamaShape, pp: int, vpp: int, p: int, c: int) -> range:
+    n = shape.num_layers // (pp * vpp)
+    start = (c * pp + p) * n
+    return range(start, start + n)
+
+
+def split(full: StateDict, shape: LlamaShape, *, tp: int, pp: int, vpp: int = 1) -> Shards:
+    """Unsplit megatron state dict -> per (tp_rank, pp_rank) list of chunk state dicts.
+
+    ``full``'s vocabulary must already be padded for ``tp`` (:func:`hf_to_megatron`).
+    """
+    shape.check(tp, pp, vpp)
+    shards: Shards = {(t, p): [{} for _ in range(vpp)] for t in range(tp) for p in range(pp)}
+    for p in range(pp):
+        for c in range(vpp):
+            names = {}
+            for j, i in enumerate(_chunk_layers(shape, pp, vpp, p, c)):
+                for key in full:
+                    if key.startswith(f"decoder.layers.{i}."):
+                        names[key] = f"decoder.layers.{j}." + key.split(".", 3)[3]
+            first, last = (p, c) == (0, 0), (p, c) == (pp - 1, vpp - 1)
+            if first:
+                names["embedding.word_embeddings.weight"] = "embedding.word_embeddings.weight"
+            if last:
+                names["decoder.final_layernorm.weight"] = "decoder.final_layernorm.weight"
+                if not shape.tie_embeddings:
+                    names["output_layer.weight"] = "output_layer.weight"
+                elif not first:  # tied, PP > 1: the last stage's copy of the embedding
+                    names["embedding.word_embeddings.weight"] = "output_layer.weight"
+            for src, dst in names.items():
+                for t, part in enumerate(_split_tp(dst, full[src], tp)):
+                    shards[(t, p)][c][dst] = part
+    return shards
+
+
+def merge(shards: Shards, shape: LlamaShape) -> StateDict:
+    """Inverse of :func:`split`: per-rank chunk state dicts -> one unsplit state dict."""
+    tp = 1 + max(t for t, _ in shards)
+    pp = 1 + max(p for _, p in shards)
+    vpp = len(shards[(0, 0)])
+    full: StateDict = {}
+    for p in range(pp):
+        for c in range(vpp):
+            layers = _chunk_layers(shape, pp, vpp, p, c)
+            for name in shards[(0, p)][c]:
+                parts = [shards[(t, p)][c][name] for t in range(tp)]
+                if name.startswith("decoder.layers."):
+                    _, _, j, rest = name.split(".", 3)
+                    full[f"decoder.layers.{layers[int(j)]}.{rest}"] = _merge_tp(name, parts)
+                elif name == "output_layer.weight" and shape.tie_embeddings:
+                    continue  # the tied copy: the embedding is the source of truth
+                else:
+                    full[name] = _merge_tp(name, parts)
+    return full
+
+
+def load_into_model(model: torch.nn.Module, state: StateDict) -> None:
+    """``model.load_state_dict(state)``, tolerating only megatron's absent ``_extra_state``.
+
+    Raises RuntimeError naming unexpected or missing tensors (wrong shape raises too).
+    """
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"state dict does not fit the model: missing {missing}, "
+                           f"unexpected {result.unexpected_keys}")

@@ -1,0 +1,54 @@
+# Llama-3-70B AdaDPO on H100 80GB: the one list of trainer flags that both
+# train_adadpo_70b.sh (torchrun) and slurm_adadpo_70b.sbatch use. Source it; it defines
+#   ADADPO_70B_FLAGS  the trainer's flags (adadpo_megatron.train / adadpo-train)
+#   PLAN_70B_FLAGS    extra flags for tools/plan_parallel.py (the tokenizer's vocabulary)
+# Paths and run length come from the environment (defaults below).
+#
+# Layout (64 GPUs = 8 nodes x 8 H100): TP=8 inside a node (NVLink) with sequence
+# parallelism, PP=4 with 4 virtual chunks of 5 layers per rank (interleaved 1F1B),
+# DP=2 with the distributed optimizer. FP8 hybrid (e4m3 forward, e5m2 gradients) with
+# delayed scaling. Packs of 8192 tokens = 2 x 4096: the chosen and rejected sequences of
+# a pair are each truncated to 4096 (adadpo-pack --max-seq-len 4096 --pack-size 8192).
+# `python tools/plan_parallel.py "${ADADPO_70B_FLAGS[@]}" "${PLAN_70B_FLAGS[@]}"` puts
+# the busiest GPU (pipeline rank 0) at about 50 GiB of 80.
+
+: "${ADADPO_70B_DATA:=/data/adadpo/ultrafeedback_llama3_8192}"   # adadpo-pack output dir
+: "${ADADPO_70B_REF:=${ADADPO_70B_DATA}/ref_logprobs.npz}"        # precompute_ref_logprobs.py
+: "${ADADPO_70B_INIT:=/checkpoints/llama3-70b-instruct-mcore}"   # convert_hf_to_megatron.py
+: "${ADADPO_70B_SAVE:=/checkpoints/adadpo-llama3-70b}"
+: "${ADADPO_70B_TRAIN_ITERS:=480}"   # optimizer steps (e.g. ~61k pairs / 128 per step)
+
+ADADPO_70B_FLAGS=(
+  # model: Llama-3-70B (GQA 64/8, SwiGLU, RMSNorm, RoPE 500k, untied embeddings, no biases)
+  --num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672
+  --num-attention-heads 64 --group-query-attention --num-query-groups 8
+  --seq-length 8192 --max-position-embeddings 8192
+  --normalization RMSNorm --norm-epsilon 1e-5 --swiglu
+  --position-embedding-type rope --rotary-base 500000
+  --untie-embeddings-and-output-weights --disable-bias-linear
+  --make-vocab-size-divisible-by 128
+  # parallel layout
+  --tensor-model-parallel-size 8 --sequence-parallel
+  --pipeline-model-parallel-size 4 --num-layers-per-virtual-pipeline-stage 5
+  --use-distributed-optimizer
+  # precision and memory: bf16 weights, FP8 GEMMs, selective activation recompute
+  --bf16 --fp8-format hybrid --fp8-recipe delayed
+  --fp8-amax-history-len 1024 --fp8-amax-compute-algo max
+  --recompute-granularity selective
+  # batch (packs of 2 x 4096 tokens; one micro-batch = one pack) and schedule
+  --micro-batch-size 1 --global-batch-size 128
+  --train-iters "${ADADPO_70B_TRAIN_ITERS}"
+  --lr 5e-7 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.1
+  --weight-decay 0.0 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
+  --seed 1234
+  # loss: AdaDPO against precomputed reference log-probs (no reference model on the GPUs)
+  --preference-loss adadpo --dpo-beta 0.1
+  --ref-logprobs "${ADADPO_70B_REF}"
+  # data, checkpoints, logs
+  --data-path "${ADADPO_70B_DATA}"
+  --load "${ADADPO_70B_INIT}" --finetune
+  --save "${ADADPO_70B_SAVE}" --save-interval 100
+  --log-interval 1 --log-dir "${ADADPO_70B_SAVE}/logs"
+)
+
+PLAN_70B_FLAGS=(--vocab-size 128256)

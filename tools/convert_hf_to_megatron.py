@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Convert Llama-architecture checkpoints between Hugging Face and megatron-core.
+
+HF -> Megatron (default)::
+
+    python tools/convert_hf_to_megatron.py --hf PATH/TO/hf_dir_or.gguf --output OUT \\
+        --format torch_dist                       # adadpo-train --load OUT --finetune
+    python tools/convert_hf_to_megatron.py --hf HF_DIR --output OUT \\
+        --format torch --tp 8 --pp 4 --vpp 5      # Megatron-LM per-rank files
+
+Megatron -> HF (``--to-hf``; ``--hf-config`` is the original model's config.json)::
+
+    python tools/convert_hf_to_megatron.py --to-hf --megatron OUT --format torch_dist \\
+        --hf-config HF_DIR/config.json --output HF_OUT
+
+The model flags the trainer needs for the converted weights are printed at the end.
+Layouts (fused QKV per query group, fc1 = [gate; up], vocabulary padding) are documented
+in adadpo_megatron/megatron/hf_convert.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+import torch
+
+from adadpo_megatron.megatron import hf_convert as hc
+from adadpo_megatron.megatron import hf_convert_io as io
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The converter's flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--to-hf", action="store_true", help="convert Megatron -> HF")
+    p.add_argument("--hf", help="HF input: a directory (config.json + safetensors) or a .gguf")
+    p.add_argument("--megatron", help="Megatron input directory (with --to-hf)")
+    p.add_argument("--hf-config", help="config.json of the HF model (with --to-hf)")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--format", choices=["torch_dist", "torch"], default="torch_dist",
+                   help="Megatron side: torch_dist (adadpo-train) or torch (Megatron-LM per rank)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (torch format)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (torch format)")
+    p.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype")
+    return p
+
+
+def _to_megatron(a: argparse.Namespace) -> hc.LlamaShape:
+    if not a.hf:
+        raise SystemExit("--hf PATH is required (or give --to-hf)")
+    if a.format == "torch_dist" and (a.tp, a.pp, a.vpp) != (1, 1, 1):
+        raise SystemExit("--format torch_dist is layout-free (adadpo-train reshards on load): "
+                         "drop --tp/--pp/--vpp, or use --format torch")
+    state, shape = io.read_hf(a.hf)
+    full = hc.hf_to_megatron(state, shape, divisible_by=a.make_vocab_size_divisible_by, tp=a.tp)
+    if a.format == "torch":
+        io.write_megatron_torch(hc.split(full, shape, tp=a.tp, pp=a.pp, vpp=a.vpp), shape,
+                                a.output, dtype=DTYPES[a.dtype])
+    else:
+        io.write_megatron_dist(full, shape, a.output, dtype=DTYPES[a.dtype])
+    return shape
+
+
+def _to_hf(a: argparse.Namespace) -> hc.LlamaShape:
+    if not (a.megatron and a.hf_config):
+        raise SystemExit("--to-hf needs --megatron DIR and --hf-config config.json")
+    with open(a.hf_config, encoding="utf-8") as f:
+        shape = hc.LlamaShape.from_hf_config(json.load(f))
+    if a.format == "torch":
+        full = hc.merge(io.read_megatron_torch(a.megatron), shape)
+    else:
+        full = io.read_megatron_dist(a.megatron, shape)
+    io.write_hf(hc.megatron_to_hf(full, shape), shape, a.output, dtype=DTYPES[a.dtype])
+    return shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one conversion; returns the exit status."""
+    a = build_parser().parse_args(argv)
+    shape = _to_hf(a) if a.to_hf else _to_megatron(a)
+    print(f"wrote {a.output}")
+    print("model flags for adadpo-train:", shlex.join(shape.trainer_flags()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
