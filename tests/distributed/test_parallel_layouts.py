@@ -1,0 +1,184 @@
+"""Preference loss and every gradient on TP / PP / DP / virtual-PP layouts vs one process.
+
+Each test launches ``layouts_worker.py`` once under torchrun (gloo, CPU) and the worker
+runs several layouts in turn, re-initialising megatron-core's parallel state in-process
+(one launch costs 10-20 s here). For each layout the worker compares, against a
+single-process run on the same global batch (each sequence alone, plain log_softmax):
+the mean loss and metrics over all pairs, and the gradient of every parameter, through
+megatron-core's own schedules and DDP, with micro-batches of unequal numbers of pairs,
+packed (THD, block-diagonal mask) and padded ([B, S]) micro-batches. Then the step-0
+invariant: an online reference pass through the same chunks makes policy == reference,
+and ``dpo`` / ratio-space ``adadpo`` must give log 2 with zero rewards.
+
+Context parallelism: megatron-core's local attention refuses CP > 1 (CP attention needs
+Transformer Engine on a GPU), so the CP cases use an attention-free stand-in with
+GPTModel's interface ("tokenwise": per-token logits from the token and its position).
+They check, end to end through the schedules and DDP, what the plugin adds under CP:
+the THD token split, the CP all-reduce of the segment sums and the CP factor of the loss
+normalisation. The CP reduction alone is also tested in test_logprobs_distributed.py.
+
+Run one launch by hand:
+``torchrun --nproc-per-node 2 tests/distributed/layouts_worker.py '[{"name": "tp2", "model": "llama", "fmt": "packed", "tp": 2, "mb_pairs": [3, 1, 2, 4]}]'``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+# fp32 throughout. The layouts sum the same terms in another order (packing, TP
+# all-reduces, DP averaging): observed differences are ~1e-6 relative; the issue's bound:
+GRAD_RTOL = 1e-5
+METRIC_TOL = 1e-5
+# Step 0 (policy == reference): the rewards are differences of bitwise-equal sums.
+STEP0_TOL = 1e-6
+
+# mb_pairs: pairs per micro-batch of the global batch (10 pairs), dealt round-robin to
+# the DP ranks. pad_to: every pack padded to one length (PP needs equal shapes unless
+# variable_seq_lengths). "gpt" ties the embeddings, "llama" does not.
+TWO_RANKS = [
+    dict(name="tp2-packed", model="llama", fmt="packed", tp=2, mb_pairs=[3, 1, 2, 4]),
+    dict(name="tp2-padded", model="gpt", fmt="padded", tp=2, mb_pairs=[3, 1, 2, 4]),
+    dict(name="pp2-packed", model="llama", fmt="packed", pp=2, mb_pairs=[3, 1, 2, 4], pad_to=96),
+    dict(
+        name="pp2-padded-varlen",
+        model="gpt",
+        fmt="padded",
+        pp=2,
+        mb_pairs=[3, 1, 2, 4],
+        variable_seq_lengths=True,
+    ),
+    # DP: rank 0 gets micro-batches of 3, 2, 2 pairs, rank 1 of 1, 2: unequal counts.
+    dict(name="dp2-packed", model="llama", fmt="packed", mb_pairs=[3, 1, 2, 2, 2]),
+    dict(
+        name="dp2-padded-per-token",
+        model="gpt",
+        fmt="padded",
+        mb_pairs=[3, 1, 2, 2, 2],
+        per_token=True,
+    ),
+    dict(
+        name="vpp-packed",
+        model="llama",
+        fmt="packed",
+        pp=2,
+        vpp=2,
+        mb_pairs=[3, 1, 2, 4],
+        pad_to=96,
+    ),
+    dict(name="vpp-padded", model="gpt", fmt="padded", pp=2, vpp=2, mb_pairs=[5, 5]),
+    # CP: tokens split over 2 ranks (THD path), attention-free stand-in model (see above).
+    dict(name="cp2-tokenwise", model="tokenwise", fmt="packed", cp=2, mb_pairs=[3, 1, 2, 4]),
+    dict(
+        name="cp2-tokenwise-per-token",
+        model="tokenwise",
+        fmt="packed",
+        cp=2,
+        mb_pairs=[3, 1, 2, 4],
+        per_token=True,
+    ),
+]
+FOUR_RANKS = [
+    dict(
+        name="tp2pp2-packed",
+        model="llama",
+        fmt="packed",
+        tp=2,
+        pp=2,
+        mb_pairs=[3, 1, 2, 4],
+        pad_to=96,
+    ),
+    dict(
+        name="tp2pp2-padded-per-token",
+        model="gpt",
+        fmt="padded",
+        tp=2,
+        pp=2,
+        mb_pairs=[3, 1, 2, 4],
+        variable_seq_lengths=True,
+        per_token=True,
+    ),
+    dict(name="tp2dp2-packed", model="llama", fmt="packed", tp=2, mb_pairs=[3, 1, 2, 2, 2]),
+    dict(name="cp2dp2-tokenwise", model="tokenwise", fmt="packed", cp=2, mb_pairs=[3, 1, 2, 2, 2]),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(nproc: int, cases: list[dict], timeout: int = 420) -> dict[str, dict]:
+    """Runs the worker under torchrun; returns {case name: merged result} from rank 0."""
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        str(HERE / "layouts_worker.py"),
+        json.dumps(cases),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, (
+        f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    )
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT ") :])
+            results[res["case"]] = res
+    assert sorted(results) == sorted(c["name"] for c in cases), proc.stdout[-4000:]
+    return results
+
+
+def check(res: dict) -> None:
+    name = res["case"]
+    assert res["params_missing"] == [], f"{name}: no rank holds {res['params_missing']}"
+    assert res["grad_rel_err"] <= GRAD_RTOL, (
+        f"{name}: gradient rel. error {res['grad_rel_err']:.3g}"
+    )
+    assert res["metric_names"] == res["ref_metric_names"], name
+    assert res["metric_err"] <= METRIC_TOL, f"{name}: metric error {res['metric_err']:.3g}"
+    for loss in res["loss"]:  # one per last-stage rank
+        assert abs(loss - res["ref_loss"]) <= METRIC_TOL * res["ref_loss"], (
+            name,
+            loss,
+            res["ref_loss"],
+        )
+    assert res["step0"], f"{name}: no step-0 result"
+    for per_rank in res["step0"]:
+        for loss_name in ("dpo", "adadpo"):
+            m = per_rank[loss_name]
+            assert abs(m["loss"] - math.log(2)) <= STEP0_TOL, (name, loss_name, m)
+            assert abs(m["rewards/chosen"]) <= STEP0_TOL, (name, loss_name, m)
+            assert abs(m["rewards/rejected"]) <= STEP0_TOL, (name, loss_name, m)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("nproc", "cases"), [(2, TWO_RANKS), (4, FOUR_RANKS)], ids=["2-ranks", "4-ranks"]
+)
+def test_layouts_match_single_process(nproc: int, cases: list[dict]) -> None:
+    results = launch(nproc, cases)
+    failures = []
+    for case in cases:
+        try:
+            check(results[case["name"]])
+        except AssertionError as exc:
+            failures.append(str(exc))
+    assert not failures, "\n".join(failures)
