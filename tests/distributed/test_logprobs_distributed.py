@@ -1,0 +1,158 @@
+"""TP=2 and CP=2 reductions of adadpo_megatron.logprobs against one process (gloo, CPU).
+
+One torchrun launch (2 ranks) runs every case; pytest only launches it and checks the
+exit code. Run by hand: ``torchrun --nproc_per_node=2 tests/distributed/test_logprobs_distributed.py``.
+(CP attention itself needs Transformer Engine on a GPU; here only the log-prob reduction
+of tokens split across a CP group is tested, which is all this module does under CP.)
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Single-process reference: plain log_softmax + gather in fp64 on the same values. Ours
+# runs in fp32; logits ~4-12 in magnitude give round-off ~1e-6 absolute, well inside the
+# tolerance below (the issue allows 1e-5 relative).
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _full_reference(logits, targets, weights):
+    """Single-process log-probs and the gradient of sum(weights * logps) w.r.t. logits."""
+    full = logits.detach().double().requires_grad_()
+    logps = F.log_softmax(full, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (grad,) = torch.autograd.grad((logps * weights.double()).sum(), full)
+    return logps.detach(), grad
+
+
+def check_tp(rank, group, shape, vocab, chunk, dtype=torch.float32, group_arg="explicit"):
+    from adadpo_megatron.logprobs import vocab_parallel_logprobs
+
+    gen = torch.Generator().manual_seed(1234)  # same full tensors on every rank
+    logits = (torch.randn(*shape, vocab, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, vocab, shape, generator=gen)
+    weights = torch.randn(shape, generator=gen)
+    ref_logps, ref_grad = _full_reference(logits, targets, weights)
+    per_rank = vocab // 2
+    shard = logits[..., rank * per_rank : (rank + 1) * per_rank].clone().requires_grad_()
+    tp_group = group if group_arg == "explicit" else None
+    logps = vocab_parallel_logprobs(shard, targets, tp_group=tp_group, chunk_tokens=chunk)
+    (grad,) = torch.autograd.grad((logps * weights).sum(), shard)
+    assert grad.dtype == dtype
+    assert logps.dtype == torch.float32
+    torch.testing.assert_close(logps.double(), ref_logps, **TOL)
+    ref_shard = ref_grad[..., rank * per_rank : (rank + 1) * per_rank]
+    # A bf16 gradient carries bf16 rounding (2^-8 relative) on top.
+    tol = TOL if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-5}
+    torch.testing.assert_close(grad.double(), ref_shard, **tol)
+
+
+def _pair_loss(sums, counts):
+    """A nonlinear loss of the per-segment sums, like the preference losses."""
+    chosen, rejected = sums[0::2], sums[1::2]
+    return -F.logsigmoid(0.3 * (chosen - rejected)).sum() + 0.05 * (sums / counts).sum()
+
+
+def check_cp(rank, group):
+    from adadpo_megatron.logprobs import (
+        segment_logprob_sums,
+        split_thd_for_cp,
+        vocab_parallel_logprobs,
+    )
+
+    gen = torch.Generator().manual_seed(99)
+    cu = torch.tensor([0, 8, 12, 24, 28, 32, 44], dtype=torch.int32)  # multiples of 2*CP
+    num_tokens, vocab = int(cu[-1]), 24
+    logits = torch.randn(num_tokens, vocab, generator=gen) * 3
+    labels = torch.randint(0, vocab, (num_tokens,), generator=gen)
+    loss_mask = (torch.rand(num_tokens, generator=gen) > 0.4).float()
+    loss_mask[28] = 1.0  # every segment keeps at least one completion token
+    loss_mask[12:24] = 0.0
+    loss_mask[23] = 1.0  # a single-token completion, falling on one rank only
+
+    full = logits.double().requires_grad_()  # fp64 single-process reference
+    ref_sums, ref_counts = segment_logprob_sums(
+        vocab_parallel_logprobs(full, labels), loss_mask, cu
+    )
+    (ref_grad,) = torch.autograd.grad(_pair_loss(ref_sums, ref_counts), full)
+
+    local, local_cu = split_thd_for_cp(
+        {"logits": logits, "labels": labels, "loss_mask": loss_mask, "index": torch.arange(44)},
+        cu,
+        cp_size=2,
+        cp_rank=rank,
+    )
+    mine = local["logits"].clone().requires_grad_()
+    token_logps = vocab_parallel_logprobs(mine, local["labels"], chunk_tokens=5)
+    sums, counts = segment_logprob_sums(token_logps, local["loss_mask"], local_cu, cp_group=group)
+    torch.testing.assert_close(sums.double(), ref_sums, **TOL)
+    torch.testing.assert_close(counts.double(), ref_counts)
+    (grad,) = torch.autograd.grad(_pair_loss(sums, counts), mine)
+    torch.testing.assert_close(grad.double(), ref_grad[local["index"]], **TOL)
+
+
+def check_megatron_default_groups(rank):
+    """tp_group=None / cp_group=None read megatron-core's groups once initialised."""
+    from megatron.core import parallel_state
+
+    from adadpo_megatron.logprobs import segment_logprob_sums
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    try:
+        check_tp(rank, None, (13,), 10, chunk=4, group_arg="megatron")
+        # CP size is 1 here: no CP reduction, each rank keeps its own sums.
+        sums, _ = segment_logprob_sums(
+            torch.full((4,), float(rank + 1)), torch.ones(4), torch.tensor([0, 4])
+        )
+        assert sums.tolist() == [4.0 * (rank + 1)]
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert dist.get_world_size() == 2, "run with torchrun --nproc_per_node=2"
+    torch.set_num_threads(1)
+    group = dist.group.WORLD
+    check_tp(rank, group, (37,), 64, chunk=8)  # ragged last chunk
+    check_tp(rank, group, (5, 3), 40, chunk=4)  # [S, B, V/TP]
+    check_tp(rank, group, (9,), 30, chunk=4096)  # one chunk
+    check_tp(rank, group, (21,), 32, chunk=6, dtype=torch.bfloat16)
+    check_cp(rank, group)
+    check_megatron_default_groups(rank)
+    dist.barrier()
+    if rank == 0:
+        print("logprobs distributed: all cases passed")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_tp2_and_cp2_match_single_process():
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    assert "all cases passed" in proc.stdout
+
+
+if __name__ == "__main__":
+    main()
