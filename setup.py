@@ -34,6 +34,8 @@ setup(
         "tokenizers>=0.15",
         "pyyaml>=6",
         "tqdm>=4.60",
+        # megatron-core's checkpoint writer processes die without it and the save hangs.
+        "psutil>=5.9",
     ],
     extras_require={
         # Transformer Engine and apex are never required; install them on GPU machines.

@@ -1,0 +1,139 @@
+"""Metrics output: the Megatron-style log line, metrics.jsonl and TensorBoard.
+
+The values are global-batch means (``forward_step.reduce_metrics`` reduces the forward
+step's ``[sum, count]`` reports over micro-batches and the DP x CP group).
+
+Output, written by one rank (the last pipeline stage's first TP/CP/DP rank):
+
+* a log line every ``--log-interval`` steps, Megatron-LM style::
+
+    [2026-11-27 17:00:01] step 3/6 | loss 0.6931 | lr 1.000E-04 | grad_norm 0.412 | ...
+
+* ``LOG_DIR/metrics.jsonl``: one JSON object per logged step, ``{"step": N, ...}`` with
+  ``step`` counted from 1. Training records carry the metric names of LOSSES.md
+  (``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+  ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``adadpo/coef_mean``,
+  ``adadpo/coef_max``, ``adadpo/clip_frac``, ``balance/grad_ratio``, all global-batch
+  means, rewards beta-scaled) and the trainer's: ``lr`` (the rate the step applied),
+  ``grad_norm`` (global L2 norm before clipping), ``pairs``, ``tokens`` (real) and
+  ``padded_tokens`` of the global batch, ``tokens_per_s``, ``pairs_per_s``,
+  ``packing_efficiency`` (real tokens / (packs x --seq-length)), ``step_time_s``,
+  ``skipped_steps`` (consecutive non-finite steps so far). Evaluations are separate
+  objects with the same ``step`` and ``eval/``-prefixed names. NaN/inf are written as
+  the strings "nan"/"inf".
+* TensorBoard scalars under the same names when ``tensorboard`` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, TextIO
+
+__all__ = ["MetricsWriter", "format_log_line"]
+
+
+_LINE_ORDER = ("loss", "lr", "grad_norm", "tokens_per_s", "pairs_per_s", "packing_efficiency",
+               "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+               "logps/chosen", "logps/rejected", "adadpo/coef_mean", "adadpo/clip_frac",
+               "balance/grad_ratio", "skipped_steps")
+
+
+def _fmt(name: str, value: Any) -> str:
+    if isinstance(value, bool) or isinstance(value, int):
+        return f"{name} {value}"
+    if name == "lr":
+        return f"{name} {value:.3E}"
+    if name in ("tokens_per_s", "pairs_per_s"):
+        return f"{name} {value:.1f}"
+    return f"{name} {value:.4f}"
+
+
+def format_log_line(step: int, train_iters: int, metrics: dict[str, Any]) -> str:
+    """One Megatron-style line: time, ``step N/M``, then the known metrics in a fixed order."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    parts = [f"[{stamp}] step {step}/{train_iters}"]
+    prefix = "eval/" if any(k.startswith("eval/") for k in metrics) else ""
+    for name in _LINE_ORDER:
+        key = prefix + name
+        if key in metrics:
+            parts.append(_fmt(key, metrics[key]))
+    return " | ".join(parts)
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; "nan"/"inf" strings keep the record parseable
+    return v
+
+
+class MetricsWriter:
+    """Writes log lines, ``metrics.jsonl`` and TensorBoard scalars on the logging rank only.
+
+    ``enabled`` is False on every other rank (then every method is a no-op). ``log_dir``
+    and ``tensorboard_dir`` may be None. Appends to an existing ``metrics.jsonl`` (a
+    resumed run continues it) after dropping records at or past ``start_step``.
+    """
+
+    def __init__(self, *, enabled: bool, log_dir: str | None, tensorboard_dir: str | None,
+                 start_step: int = 0, print_fn=print) -> None:
+        self.enabled = enabled
+        self._print = print_fn
+        self._jsonl: TextIO | None = None
+        self._tb = None
+        if not enabled:
+            return
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, "metrics.jsonl")
+            _truncate_after(path, start_step)
+            self._jsonl = open(path, "a", encoding="utf-8")
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception:  # noqa: BLE001 - tensorboard is an optional extra
+                self._print("note: tensorboard is not installed; --tensorboard-dir ignored "
+                            "(pip install 'adadpo-megatron[tensorboard]')")
+            else:
+                self._tb = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_step + 1)
+
+    def log(self, step: int, train_iters: int, metrics: dict[str, Any]) -> None:
+        """Print the log line and record ``metrics`` for ``step`` (counted from 1)."""
+        if not self.enabled:
+            return
+        self._print(format_log_line(step, train_iters, metrics), flush=True)
+        if self._jsonl is not None:
+            record = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def message(self, text: str) -> None:
+        """Print a one-off message (skips, checkpoints, evaluation) on the logging rank."""
+        if self.enabled:
+            self._print(text, flush=True)
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _truncate_after(path: str, start_step: int) -> None:
+    """Keep only records with step <= start_step (a resume rewrites what follows)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [line for line in f if line.strip()
+                and json.loads(line).get("step", 0) <= start_step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(keep)

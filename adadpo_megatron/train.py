@@ -1,0 +1,258 @@
+"""``adadpo-train``: train a Megatron-Core GPTModel with AdaDPO or another preference loss.
+
+Launch with torchrun (one process per GPU, or per CPU slot with the gloo backend)::
+
+    torchrun --nproc-per-node 2 -m adadpo_megatron.train --config run.yaml \\
+        --tensor-model-parallel-size 2 --preference-loss adadpo --train-iters 100
+
+``main`` parses and validates every flag before any process-group work, builds the
+parallel state, model, optimizer, data and reference, runs the loop of
+``adadpo_megatron.megatron.training``, and always destroys the process group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from adadpo_megatron.megatron.config import ConfigError, TrainConfig
+from adadpo_megatron.megatron.training import Run, TrainingStopped, train
+
+__all__ = ["build_run", "init_distributed", "main"]
+
+
+def init_distributed(cfg: TrainConfig) -> None:
+    """Default process group (gloo on CPU, nccl on GPU) and megatron-core's parallel state."""
+    from megatron.core import parallel_state
+
+    p = cfg.parallel
+    if p.device == "cpu":
+        from adadpo_megatron.megatron.cpu import init_distributed_cpu, seed_cpu
+
+        init_distributed_cpu()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="nccl")
+    if torch.distributed.get_world_size() != p.world_size:
+        raise ConfigError(f"the job has {torch.distributed.get_world_size()} processes but the "
+                          f"configuration was validated for {p.world_size}")
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+    )
+    seed = cfg.training.seed
+    if p.device == "cpu":
+        seed_cpu(seed)
+    else:
+        import random
+
+        import numpy as np
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+
+
+def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool) -> object:
+    from megatron.core.distributed import finalize_model_grads
+
+    from adadpo_megatron.megatron.model import build_transformer_config
+
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    config = build_transformer_config(
+        num_layers=m.num_layers, hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads, ffn_hidden_size=m.ffn_hidden_size,
+        num_query_groups=m.num_query_groups, normalization=m.normalization,
+        norm_epsilon=m.norm_epsilon, swiglu=m.swiglu,
+        position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
+        add_bias_linear=not m.disable_bias_linear,
+        untie_embeddings=m.untie_embeddings_and_output_weights,
+        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+        vpp=p.virtual_pipeline_model_parallel_size, cp=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel, bf16=t.bf16,
+        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+        recompute_granularity=None if reference else t.recompute_granularity,
+        recompute_method=None if reference else t.recompute_method,
+        recompute_num_layers=None if reference else t.recompute_num_layers,
+        init_method_std=m.init_method_std, **fp8_kwargs)
+    if not reference:
+        config.finalize_model_grads_func = finalize_model_grads
+    return config
+
+
+def _open_data(cfg: TrainConfig, path: str, flag: str):
+    from adadpo_megatron.data.packed_dataset import PackedPairDataset
+    from adadpo_megatron.megatron.fp8 import pack_multiple
+
+    p = cfg.parallel
+    seg = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
+    if p.sequence_parallel:
+        seg *= p.tensor_model_parallel_size
+    # Pipeline stages exchange fixed-shape activations: pad every pack to --seq-length.
+    pad_to = cfg.model.seq_length if p.pipeline_model_parallel_size > 1 else None
+    try:
+        ds = PackedPairDataset(path, segment_multiple=seg, pack_multiple=pack_multiple(cfg.fp8),
+                               pad_to=pad_to)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{flag} {path}: {e}") from e
+    longest = int(ds.pack_lengths.max()) if len(ds) else 0
+    if longest > cfg.model.seq_length:
+        raise ConfigError(f"{flag} {path}: packs up to {longest} tokens (after padding) exceed "
+                          f"--seq-length {cfg.model.seq_length}; raise --seq-length or re-pack "
+                          "with a smaller --pack-size")
+    return ds
+
+
+def _vocab_size(cfg: TrainConfig, ds) -> int:
+    vocab = int(ds.meta["tokenizer"]["vocab_size"])
+    return cfg.model.padded_vocab_size(vocab, cfg.parallel.tensor_model_parallel_size)
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Build data, model, optimizer, schedule, reference and writer; resume if --load.
+
+    Needs ``init_distributed(cfg)`` first. Returns the ``Run`` the loop consumes.
+    """
+    from megatron.core import parallel_state as ps
+
+    from adadpo_megatron.data.sampler import DistributedPackSampler
+    from adadpo_megatron.megatron import checkpointing as ckpt
+    from adadpo_megatron.megatron.forward_step import (
+        StepContext,
+        make_forward_step,
+        make_reference_forward_step,
+    )
+    from adadpo_megatron.megatron.fp8 import reference_config_kwargs, transformer_config_kwargs
+    from adadpo_megatron.megatron.metrics import MetricsWriter
+    from adadpo_megatron.megatron.model import build_model_chunks
+    from adadpo_megatron.megatron.optim import build_optimizer, build_scheduler, ddp_config
+    from adadpo_megatron.megatron.reference import (
+        PrecomputedReference,
+        build_online_reference,
+        default_sidecar_path,
+    )
+    from adadpo_megatron.megatron.training import _is_logging_rank
+
+    train_data = _open_data(cfg, cfg.io.data_path, "--data-path")
+    eval_data = (_open_data(cfg, cfg.io.eval_data_path, "--eval-data-path")
+                 if cfg.io.eval_data_path else None)
+    vocab = _vocab_size(cfg, train_data)
+    max_pos = cfg.model.max_position_embeddings
+    config = _transformer_config(cfg, transformer_config_kwargs(cfg.fp8), reference=False)
+    model = build_model_chunks(config, vocab, max_pos, wrap_ddp=True, ddp_config=ddp_config(cfg))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    try:
+        position = DistributedPackSampler(
+            len(train_data), global_batch_size=cfg.training.global_batch_size,
+            dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+            seed=cfg.training.seed, micro_batch_size=cfg.training.micro_batch_size)
+    except ValueError as e:
+        raise ConfigError(f"--data-path {cfg.io.data_path}: {e}") from e
+    if eval_data is not None and len(eval_data) < ps.get_data_parallel_world_size():
+        raise ConfigError(f"--eval-data-path {cfg.io.eval_data_path} has {len(eval_data)} packs, "
+                          "fewer than the data-parallel size: every DP rank needs one")
+
+    if cfg.io.load and cfg.io.finetune:
+        ckpt.load_model_weights(cfg.io.load, model)
+    step_context = StepContext(num_microbatches=1, global_num_pairs=1)
+    run = Run(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
+              train_data=train_data, position=position, eval_data=eval_data,
+              forward_step=make_forward_step(cfg.loss, step_context),
+              step_context=step_context)
+
+    if cfg.reference.mode == "online":
+        ref_config = _transformer_config(cfg, reference_config_kwargs(cfg.fp8), reference=True)
+        run.reference = build_online_reference(
+            lambda: build_model_chunks(ref_config, vocab, max_pos, wrap_ddp=False),
+            model, cfg.reference.ref_load)
+        run.reference_step = make_reference_forward_step()
+        run.save_reference = cfg.reference.ref_load is None
+    elif cfg.reference.mode == "precomputed":
+        run.precomputed = PrecomputedReference(cfg.reference.ref_logprobs,
+                                               train_data.fingerprint, train_data.num_pairs)
+        if eval_data is not None:
+            run.eval_precomputed = PrecomputedReference(
+                default_sidecar_path(cfg.io.eval_data_path), eval_data.fingerprint,
+                eval_data.num_pairs)
+
+    if cfg.io.load and not cfg.io.finetune:
+        state = ckpt.load_checkpoint(
+            cfg.io.load, model=model, optimizer=optimizer, scheduler=scheduler,
+            fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
+            data_fingerprint=train_data.fingerprint,
+            reference=run.reference if run.save_reference else None)
+        run.iteration = state["iteration"]
+        run.skipped_in_a_row = state["skipped_in_a_row"]
+        position.load_state_dict(state["data"])
+    run.writer = MetricsWriter(enabled=_is_logging_rank(), log_dir=cfg.io.log_dir,
+                               tensorboard_dir=cfg.io.tensorboard_dir, start_step=run.iteration)
+    return run
+
+
+def _write_config(cfg: TrainConfig) -> None:
+    import json
+
+    if cfg.io.log_dir and torch.distributed.get_rank() == 0:
+        os.makedirs(cfg.io.log_dir, exist_ok=True)
+        with open(os.path.join(cfg.io.log_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``adadpo-train`` and ``python -m adadpo_megatron.train``.
+
+    Returns the exit status: 0 on success, 2 for a configuration error (flag checks run
+    before any process-group work; data, checkpoint and side-car checks right after the
+    process group is up, before the first step), 1 when training stopped on repeated
+    non-finite steps.
+    """
+    from adadpo_megatron.megatron.arguments import parse_config
+
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as e:
+        print(f"adadpo-train: error: {e}", file=sys.stderr)
+        return 2
+    # megatron-core is imported only now, so flag errors and --help come back fast.
+    from adadpo_megatron.megatron.checkpointing import CheckpointError
+    from adadpo_megatron.megatron.reference import SidecarError
+
+    try:
+        init_distributed(cfg)
+        _write_config(cfg)
+        run = build_run(cfg)
+        try:
+            train(run)
+        finally:
+            run.writer.close()
+    except (ConfigError, CheckpointError, SidecarError) as e:
+        print(f"adadpo-train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"adadpo-train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        _destroy()
+    return 0
+
+
+def _destroy() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
