@@ -10,6 +10,7 @@ from setuptools import find_packages, setup
 packer_extension = Pybind11Extension(
     "adadpo_megatron._packer",
     sources=["cpp/packer.cpp", "cpp/bindings.cpp"],
+    depends=["cpp/packer.h", "cpp/trees.h"],  # rebuild when a header changes
     include_dirs=["cpp"],
     cxx_std=17,
     extra_compile_args=["-O3"],
