@@ -223,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"adadpo-train: error: {e}", file=sys.stderr)
         return 2
+    if cfg.parallel.device == "cpu":
+        from adadpo_megatron.megatron.cpu import silence_cpu_notices
+
+        silence_cpu_notices()
     # megatron-core is imported only now, so flag errors and --help come back fast.
     from adadpo_megatron.megatron.checkpointing import CheckpointError
     from adadpo_megatron.megatron.reference import SidecarError

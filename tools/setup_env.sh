@@ -5,10 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -m pip install --quiet --upgrade pip
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==${ADADPO_TORCH_VERSION:-2.13.0}"
 fi
-"$PY" -m pip install --quiet -e ".[test,plot]"
+"$PY" -m pip install --quiet -e ".[test,plot,hf]"
 # A real sentencepiece model (Mistral-7B) for the packing round-trip test; the wheel pulls nothing else.
 "$PY" -m pip install --quiet --no-deps "mistral-common==1.13.1"

@@ -16,27 +16,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+# LossConfig field -> the flag that sets it: one table, owned by the loss library.
+from adadpo_megatron.losses.config import FIELD_FLAGS as LOSS_FIELD_FLAGS
+
 
 class ConfigError(ValueError):
     """An invalid or contradictory setting; the message names the flag (and file) to fix."""
-
-
-# LossConfig field -> the flag that sets it.
-LOSS_FIELD_FLAGS: dict[str, str] = {
-    "name": "--preference-loss",
-    "beta": "--dpo-beta",
-    "label_smoothing": "--dpo-label-smoothing",
-    "gamma": "--simpo-gamma",
-    "alpha": "--rdpo-alpha",
-    "lam": "--cpo-lambda",
-    "sft_weight": "--sft-weight",
-    "balance_space": "--adadpo-space",
-    "balance_granularity": "--adadpo-granularity",
-    "balance_clip": "--adadpo-clip",
-    "balance_clip_mode": "--adadpo-clip-mode",
-}
-
-
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -131,6 +132,25 @@ def enable_cpu_megatron() -> bool:
         _STATE["mode"] = mode
     return True
 
+
+
+# megatron-core notices that say nothing about a CPU run: the GPU-only fused kernels are
+# absent (by design here) and a CUDA stream setting that a CPU has no use for.
+_CPU_IRRELEVANT_NOTICES = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "When using async grad allreduce it is recommended to set the environment variable "
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+)
+
+
+def silence_cpu_notices() -> None:
+    """Filters megatron-core's UserWarnings about missing TE/apex and CUDA streams.
+
+    Call only on CPU runs: on a GPU the same notices point at a real problem.
+    """
+    for message in _CPU_IRRELEVANT_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 def init_distributed_cpu(timeout_minutes: float = 10.0) -> None:
     """Initialises the default process group with gloo from torchrun's environment.

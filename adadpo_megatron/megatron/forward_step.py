@@ -203,26 +203,33 @@ def make_forward_step(
     groups = _groups_from_megatron()
 
     def forward_step(data_iterator: Iterator[Mapping[str, Any]], model: torch.nn.Module):
-        batch = next(data_iterator)
-        inputs = prepare_model_inputs(
-            batch,
-            device=_model_device(model),
-            use_thd=use_thd,
-            cp_size=groups.cp_size,
-            cp_rank=groups.cp_rank,
-        )
+        inputs, output = _run_model(next(data_iterator), model, use_thd, groups)
         per_token = bool(_model_config(model).calculate_per_token_loss)
-        output = model(
-            inputs.input_ids,
-            inputs.position_ids,
-            inputs.attention_mask,
-            labels=None,
-            packed_seq_params=inputs.packed_seq_params,
-        )
         return output, functools.partial(_loss_func, inputs, loss_cfg, step, groups, per_token)
 
     return forward_step
 
+
+
+def _run_model(
+    batch: Mapping[str, Any], model: torch.nn.Module, use_thd: bool, groups: _Groups
+) -> tuple[ModelInputs, torch.Tensor]:
+    """Prepares one micro-batch for this rank and runs ``model`` on it (logits, no labels)."""
+    inputs = prepare_model_inputs(
+        batch,
+        device=_model_device(model),
+        use_thd=use_thd,
+        cp_size=groups.cp_size,
+        cp_rank=groups.cp_rank,
+    )
+    output = model(
+        inputs.input_ids,
+        inputs.position_ids,
+        inputs.attention_mask,
+        labels=None,
+        packed_seq_params=inputs.packed_seq_params,
+    )
+    return inputs, output
 
 def _reference_loss_func(inputs: ModelInputs, groups: _Groups, logits, non_loss_data=False):
     with torch.no_grad():
@@ -252,22 +259,8 @@ def make_reference_forward_step(*, use_thd: bool | None = None):
     groups = _groups_from_megatron()
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        inputs = prepare_model_inputs(
-            batch,
-            device=_model_device(model),
-            use_thd=use_thd,
-            cp_size=groups.cp_size,
-            cp_rank=groups.cp_rank,
-        )
         with torch.no_grad():
-            output = model(
-                inputs.input_ids,
-                inputs.position_ids,
-                inputs.attention_mask,
-                labels=None,
-                packed_seq_params=inputs.packed_seq_params,
-            )
+            inputs, output = _run_model(next(data_iterator), model, use_thd, groups)
         return output, functools.partial(_reference_loss_func, inputs, groups)
 
     return forward_step
