@@ -6,18 +6,12 @@ exit code. Run by hand: ``torchrun --nproc_per_node=2 tests/distributed/test_log
 of tokens split across a CP group is tested, which is all this module does under CP.)
 """
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parents[2]
+from torchrun_launch import run_torchrun
 
 # Single-process reference: plain log_softmax + gather in fp64 on the same values. Ours
 # runs in fp32; logits ~4-12 in magnitude give round-off ~1e-6 absolute, well inside the
@@ -135,22 +129,9 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_tp2_and_cp2_match_single_process():
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    proc = run_torchrun(2, __file__, timeout=300)
     assert "all cases passed" in proc.stdout
 
 

@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun_launch import run_torchrun
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 
 # fp32 throughout. The layouts sum the same terms in another order (packing, TP
 # all-reduces, DP averaging): observed differences are ~1e-6 relative; the issue's bound:
@@ -113,30 +109,9 @@ FOUR_RANKS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(nproc: int, cases: list[dict], timeout: int = 420) -> dict[str, dict]:
     """Runs the worker under torchrun; returns {case name: merged result} from rank 0."""
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        str(HERE / "layouts_worker.py"),
-        json.dumps(cases),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, (
-        f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    )
+    proc = run_torchrun(nproc, HERE / "layouts_worker.py", json.dumps(cases), timeout=timeout)
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

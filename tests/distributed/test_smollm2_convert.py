@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_launch import run_torchrun
 
-REPO = Path(__file__).resolve().parents[2]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TP_SIZES = (1, 3)
 # fp32 through 30 layers in a different op order (fused QKV and fc1 GEMMs, megatron's
@@ -68,12 +65,6 @@ def _worker() -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_smollm2_logits_match_transformers(tmp_path: Path) -> None:
@@ -101,13 +92,9 @@ def test_smollm2_logits_match_transformers(tmp_path: Path) -> None:
     data = tmp_path / "smol.pt"
     torch.save({"shape": dataclasses.asdict(shape), "tokens": tokens, "hf_logits": hf_logits,
                 "dirs": dirs}, data)
-    env = {**os.environ, "SMOL_DATA": str(data), "TORCHDYNAMO_DISABLE": "1",
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(max(TP_SIZES)),
-           "--master-port", str(_free_port()), __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    proc = run_torchrun(max(TP_SIZES), __file__, timeout=1800,
+                        extra_env={"SMOL_DATA": str(data)})
     print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "TP=3: max" in proc.stdout
 
 

@@ -9,16 +9,10 @@ One torchrun launch runs both. By hand: ``torchrun --nproc-per-node 2 THIS_FILE`
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
+from torchrun_launch import run_torchrun
 
 
 def _check_planner_counts(rank: int) -> None:
@@ -98,20 +92,9 @@ def _worker() -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_tp2_planner_counts_and_conversion() -> None:
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1",
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_free_port()), __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_torchrun(2, __file__, timeout=600)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun_launch import run_torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = REPO / "examples" / "data" / "tokenizer.model"
@@ -63,15 +61,8 @@ def results(tmp_path_factory) -> dict:
     ds = PackedPairDataset(data)
     assert (len(ds), ds.num_pairs) == (36, 36), "the fixture needs 36 one-pair packs"
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(port), str(REPO / "tests" / "distributed" / "train_worker.py"),
-           str(data), str(work)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    run_torchrun(2, REPO / "tests" / "distributed" / "train_worker.py", str(data), str(work),
+                 timeout=600)
     out = json.loads((work / "results.json").read_text())
     out["work"] = str(work)
     return out
