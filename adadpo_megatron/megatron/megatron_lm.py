@@ -140,10 +140,9 @@ def make_forward_step(args: argparse.Namespace, *, use_thd: bool | None = None):
 
     def forward_step(data_iterator, model):
         if not built:
-            # Per-token mode reads neither field; StepContext only needs placeholders.
-            built.append(fs.make_forward_step(
-                loss_cfg, fs.StepContext(num_microbatches=1, global_num_pairs=1),
-                use_thd=use_thd))
+            # No StepContext: under --calculate-per-token-loss no global pair count is
+            # needed, and without it the loss function refuses to run (no silent G=1).
+            built.append(fs.make_forward_step(loss_cfg, None, use_thd=use_thd))
         return built[0](data_iterator, model)
 
     return forward_step
