@@ -165,11 +165,7 @@ def run_step(run: Run) -> tuple[dict[str, float], Any]:
     cfg = run.cfg
     pack_ids = run.position.next_step()
     microbatches = _with_reference(run, _microbatches(run, pack_ids), run.precomputed)
-    counts = _counts(microbatches, _device(run))
-    # SUM over DP: pairs (G, the loss normaliser), real and padded tokens of the global batch.
-    torch.distributed.all_reduce(counts, group=_dp_group())
-    run.step_context.num_microbatches = len(microbatches)
-    run.step_context.global_num_pairs = counts[0].to(torch.float32)
+    counts = _set_step_context(run, microbatches)
 
     for chunk in run.model:
         chunk.zero_grad_buffer()
@@ -184,6 +180,19 @@ def run_step(run: Run) -> tuple[dict[str, float], Any]:
     metrics.update(pairs=pairs, tokens=real, padded_tokens=padded, lr=lr)
     return metrics, result
 
+
+
+def _set_step_context(run: Run, microbatches: list[dict]) -> torch.Tensor:
+    """Counts this step's global batch and sets the forward step's normalisation context.
+
+    Returns float64 ``[3]``: pairs (G, the loss normaliser), real and padded tokens, summed
+    over DP (the only collective here: one all-reduce SUM on the DP group).
+    """
+    counts = _counts(microbatches, _device(run))
+    torch.distributed.all_reduce(counts, group=_dp_group())
+    run.step_context.num_microbatches = len(microbatches)
+    run.step_context.global_num_pairs = counts[0].to(torch.float32)
+    return counts
 
 def _lr(run: Run) -> float:
     groups = run.optimizer.param_groups
@@ -217,10 +226,7 @@ def evaluate(run: Run) -> dict[str, float]:
     microbatches = [collate_packs([data[i] for i in ids[j:j + mbs]])
                     for j in range(0, len(ids), mbs)]
     microbatches = _with_reference(run, microbatches, run.eval_precomputed)
-    counts = _counts(microbatches, _device(run))
-    torch.distributed.all_reduce(counts, group=_dp_group())
-    run.step_context.num_microbatches = len(microbatches)
-    run.step_context.global_num_pairs = counts[0].to(torch.float32)
+    _set_step_context(run, microbatches)
     for chunk in run.model:
         chunk.eval()
     try:
