@@ -50,7 +50,7 @@ setup(
         "console_scripts": [
             "adadpo-train=adadpo_megatron.train:main",
             "adadpo-pack=adadpo_megatron.data.pack_tool:main",
-            "adadpo-plan=adadpo_megatron.planner_cli:main",
+            "adadpo-plan=adadpo_megatron.planner.cli:main",
         ],
     },
 )

@@ -7,7 +7,7 @@ Launch with torchrun (one process per GPU, or per CPU slot with the gloo backend
 
 ``main`` parses and validates every flag before any process-group work, builds the
 parallel state, model, optimizer, data and reference, runs the loop of
-``adadpo_megatron.megatron.training``, and always destroys the process group.
+``adadpo_megatron.trainer.loop``, and always destroys the process group.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from adadpo_megatron.megatron.config import ConfigError, TrainConfig
-from adadpo_megatron.megatron.training import Run, TrainingStopped, train
+from adadpo_megatron.trainer.config import ConfigError, TrainConfig
+from adadpo_megatron.trainer.loop import Run, TrainingStopped, train
 
 __all__ = ["build_run", "init_distributed", "main"]
 
@@ -30,7 +30,7 @@ def init_distributed(cfg: TrainConfig) -> None:
 
     p = cfg.parallel
     if p.device == "cpu":
-        from adadpo_megatron.megatron.cpu import init_distributed_cpu, seed_cpu
+        from adadpo_megatron.step.cpu import init_distributed_cpu, seed_cpu
 
         init_distributed_cpu()
     else:
@@ -65,7 +65,7 @@ def init_distributed(cfg: TrainConfig) -> None:
 def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool) -> object:
     from megatron.core.distributed import finalize_model_grads
 
-    from adadpo_megatron.megatron.model import build_transformer_config
+    from adadpo_megatron.step.model import build_transformer_config
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
     config = build_transformer_config(
@@ -91,7 +91,7 @@ def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool) 
 
 def _open_data(cfg: TrainConfig, path: str, flag: str):
     from adadpo_megatron.data.packed_dataset import PackedPairDataset
-    from adadpo_megatron.megatron.fp8 import pack_multiple
+    from adadpo_megatron.step.fp8 import pack_multiple
 
     p = cfg.parallel
     seg = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
@@ -125,22 +125,22 @@ def build_run(cfg: TrainConfig) -> Run:
     from megatron.core import parallel_state as ps
 
     from adadpo_megatron.data.sampler import DistributedPackSampler
-    from adadpo_megatron.megatron import checkpointing as ckpt
-    from adadpo_megatron.megatron.forward_step import (
+    from adadpo_megatron.step.forward_step import (
         StepContext,
         make_forward_step,
         make_reference_forward_step,
     )
-    from adadpo_megatron.megatron.fp8 import reference_config_kwargs, transformer_config_kwargs
-    from adadpo_megatron.megatron.metrics import MetricsWriter
-    from adadpo_megatron.megatron.model import build_model_chunks
-    from adadpo_megatron.megatron.optim import build_optimizer, build_scheduler, ddp_config
-    from adadpo_megatron.megatron.reference import (
+    from adadpo_megatron.step.fp8 import reference_config_kwargs, transformer_config_kwargs
+    from adadpo_megatron.step.model import build_model_chunks
+    from adadpo_megatron.step.reference import (
         PrecomputedReference,
         build_online_reference,
         default_sidecar_path,
     )
-    from adadpo_megatron.megatron.training import _is_logging_rank
+    from adadpo_megatron.trainer import checkpointing as ckpt
+    from adadpo_megatron.trainer.loop import _is_logging_rank
+    from adadpo_megatron.trainer.metrics import MetricsWriter
+    from adadpo_megatron.trainer.optim import build_optimizer, build_scheduler, ddp_config
 
     train_data = _open_data(cfg, cfg.io.data_path, "--data-path")
     eval_data = (_open_data(cfg, cfg.io.eval_data_path, "--eval-data-path")
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     process group is up, before the first step), 1 when training stopped on repeated
     non-finite steps.
     """
-    from adadpo_megatron.megatron.arguments import parse_config
+    from adadpo_megatron.trainer.arguments import parse_config
 
     try:
         cfg = parse_config(argv)
@@ -224,12 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adadpo-train: error: {e}", file=sys.stderr)
         return 2
     if cfg.parallel.device == "cpu":
-        from adadpo_megatron.megatron.cpu import silence_cpu_notices
+        from adadpo_megatron.step.cpu import silence_cpu_notices
 
         silence_cpu_notices()
     # megatron-core is imported only now, so flag errors and --help come back fast.
-    from adadpo_megatron.megatron.checkpointing import CheckpointError
-    from adadpo_megatron.megatron.reference import SidecarError
+    from adadpo_megatron.step.reference import SidecarError
+    from adadpo_megatron.trainer.checkpointing import CheckpointError
 
     try:
         init_distributed(cfg)

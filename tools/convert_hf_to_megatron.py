@@ -15,7 +15,7 @@ Megatron -> HF (``--to-hf``; ``--hf-config`` is the original model's config.json
 
 The model flags the trainer needs for the converted weights are printed at the end.
 Layouts (fused QKV per query group, fc1 = [gate; up], vocabulary padding) are documented
-in adadpo_megatron/megatron/hf_convert.py.
+in adadpo_megatron/conversion/weights.py.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import sys
 
 import torch
 
-from adadpo_megatron.megatron import hf_convert as hc
-from adadpo_megatron.megatron import hf_convert_io as io
+from adadpo_megatron.conversion import files as io
+from adadpo_megatron.conversion import weights as hc
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

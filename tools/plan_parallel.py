@@ -15,7 +15,7 @@ a megatron-core rule or does not fit. Example::
 
 import sys
 
-from adadpo_megatron.planner_cli import main
+from adadpo_megatron.planner.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 Runs the reference forward-only over every pack through the trainer's own code path
 (same parallel layout flags, model building, micro-batch collation and log-prob forward
 step) and writes the per-sequence completion log-prob sums beside the dataset, keyed by
-its fingerprint (``DATA_DIR/ref_logprobs.npz``; see ``adadpo_megatron.megatron.reference``).
+its fingerprint (``DATA_DIR/ref_logprobs.npz``; see ``adadpo_megatron.step.reference``).
 Train with ``--ref-logprobs DATA_DIR/ref_logprobs.npz``; with ``--eval-data-path`` the
 eval split gets its own side-car in its directory, which the trainer picks up.
 
@@ -29,8 +29,8 @@ import torch
 
 def parse(argv: Sequence[str] | None):
     """(TrainConfig, reference checkpoint or None, --output or None) from the command line."""
-    from adadpo_megatron.megatron.arguments import parse_args
-    from adadpo_megatron.megatron.config import ConfigError, config_from_args
+    from adadpo_megatron.trainer.arguments import parse_args
+    from adadpo_megatron.trainer.config import ConfigError, config_from_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argparse.ArgumentParser(add_help=False)
@@ -58,7 +58,7 @@ def _sums_for(cfg, chunks, step_fn, ds) -> np.ndarray:
     """Per-sequence sums [2N] over all packs of ``ds`` (filled on the last PP stage)."""
     from megatron.core import parallel_state as ps
 
-    from adadpo_megatron.megatron.training import _schedule, collate_packs
+    from adadpo_megatron.trainer.loop import _schedule, collate_packs
 
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mbs = cfg.training.micro_batch_size
@@ -95,13 +95,13 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
     """
     from megatron.core import parallel_state as ps
 
-    from adadpo_megatron.megatron.checkpointing import load_model_weights
-    from adadpo_megatron.megatron.forward_step import make_reference_forward_step
-    from adadpo_megatron.megatron.fp8 import reference_config_kwargs
-    from adadpo_megatron.megatron.model import build_model_chunks
-    from adadpo_megatron.megatron.reference import default_sidecar_path, write_sidecar
-    from adadpo_megatron.megatron.training import _is_logging_rank
+    from adadpo_megatron.step.forward_step import make_reference_forward_step
+    from adadpo_megatron.step.fp8 import reference_config_kwargs
+    from adadpo_megatron.step.model import build_model_chunks
+    from adadpo_megatron.step.reference import default_sidecar_path, write_sidecar
     from adadpo_megatron.train import _open_data, _transformer_config, _vocab_size
+    from adadpo_megatron.trainer.checkpointing import load_model_weights
+    from adadpo_megatron.trainer.loop import _is_logging_rank
 
     train_ds = _open_data(cfg, cfg.io.data_path, "--data-path")
     targets = [(train_ds, output or default_sidecar_path(cfg.io.data_path))]

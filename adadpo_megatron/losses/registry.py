@@ -19,12 +19,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:  # config.py imports this module; the import is for annotations only
-    from adadpo_megatron.losses.config import LossConfig
 
 __all__ = [
     "PairInputs",
@@ -71,7 +68,18 @@ class PairInputs:
         return self.pol_l - self.ref_l
 
 
-LossFn = Callable[["LossConfig", PairInputs, "torch.Tensor | float"], torch.Tensor]
+class LossHyperParams(Protocol):
+    """What the registry reads of a loss configuration (``LossConfig`` satisfies it).
+
+    A protocol, so that this module never imports ``config.py`` (which imports it). Loss
+    functions read their own fields (``beta``, ``gamma``, ...) by name; ``LossSpec.hparams``
+    lists them.
+    """
+
+    sft_weight: float
+
+
+LossFn = Callable[[LossHyperParams, PairInputs, "torch.Tensor | float"], torch.Tensor]
 ScoreFn = Callable[[PairInputs], torch.Tensor]
 
 
@@ -102,7 +110,7 @@ class LossSpec:
     balance_score: ScoreFn | None
     """Loss-specific log balance score (detached), or None for the generic one."""
 
-    def nll_coef(self, cfg: LossConfig) -> float:
+    def nll_coef(self, cfg: LossHyperParams) -> float:
         """Total weight of ``-pol_w/len_w`` in the loss: built-in NLL weight plus ``sft_weight``."""
         own = getattr(cfg, self.nll_weight) if isinstance(self.nll_weight, str) else self.nll_weight
         return float(own) + float(cfg.sft_weight)

@@ -24,7 +24,7 @@ import sys
 # Run from a checkout without installing the plugin.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from adadpo_megatron.megatron import megatron_lm  # noqa: E402
+from adadpo_megatron.integrations import megatron_lm  # noqa: E402
 
 
 def _megatron_args():
@@ -38,7 +38,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     transformer_engine, the local spec otherwise)."""
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from adadpo_megatron.megatron.model import build_gpt_model
+    from adadpo_megatron.step.model import build_gpt_model
 
     args = _megatron_args()
     config = core_transformer_config_from_args(args)
@@ -53,7 +53,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     """External data iterators (``--dataloader-type external``): train, valid, no test."""
     from megatron.core import parallel_state as ps
 
-    from adadpo_megatron.megatron.reference import PrecomputedReference, default_sidecar_path
+    from adadpo_megatron.step.reference import PrecomputedReference, default_sidecar_path
 
     args = _megatron_args()
     megatron_lm.check_args(args)

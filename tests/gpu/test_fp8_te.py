@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from adadpo_megatron.megatron.fp8 import (
+from adadpo_megatron.step.fp8 import (
     FP8Settings,
     amax_histories,
     reference_config_kwargs,
@@ -46,7 +46,7 @@ def parallel_state():
 
 
 def _model(fp8_kwargs: dict):
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     config = build_transformer_config(
         num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from megatron.core.transformer import TransformerConfig
 
-from adadpo_megatron.megatron import fp8
-from adadpo_megatron.megatron.fp8 import (
+from adadpo_megatron.step import fp8
+from adadpo_megatron.step.fp8 import (
     FP8_FORMATS,
     FP8_RECIPES,
     FP8Settings,

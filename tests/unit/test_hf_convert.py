@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adadpo_megatron.megatron.hf_convert import (
+from adadpo_megatron.conversion.weights import (
     LlamaShape,
     hf_to_megatron,
     load_into_model,
@@ -110,7 +110,7 @@ def test_shape_from_hf_config_and_trainer_flags() -> None:
            "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
     shape = LlamaShape.from_hf_config(cfg)
     assert shape.head_dim == 128 and shape.num_query_groups == 8
-    from adadpo_megatron.megatron.arguments import build_parser
+    from adadpo_megatron.trainer.arguments import build_parser
 
     args = build_parser().parse_args(shape.trainer_flags())
     assert (args.num_query_groups, args.rotary_base) == (8, 500000)
@@ -124,8 +124,8 @@ def test_converted_logits_match_transformers(tied: bool) -> None:
     transformers = pytest.importorskip("transformers", reason="pip install transformers")
     from megatron.core import parallel_state
 
-    from adadpo_megatron.megatron.cpu import initialize_model_parallel_cpu
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     config = transformers.LlamaConfig(
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -156,7 +156,7 @@ def test_converted_logits_match_transformers(tied: bool) -> None:
 
 
 def _write_hf_dir(path, shape: LlamaShape, hf: dict[str, torch.Tensor]) -> None:
-    from adadpo_megatron.megatron.hf_convert_io import write_hf
+    from adadpo_megatron.conversion.files import write_hf
 
     write_hf(hf, shape, str(path), dtype=torch.float32)
 
@@ -182,7 +182,7 @@ def test_cli_round_trip_through_files(tmp_path, fmt: str) -> None:
     assert tool.main(["--to-hf", "--megatron", str(tmp_path / "mc"), "--hf-config",
                       str(tmp_path / "hf" / "config.json"), "--output", str(tmp_path / "back"),
                       *common]) == 0
-    from adadpo_megatron.megatron.hf_convert_io import read_hf
+    from adadpo_megatron.conversion.files import read_hf
 
     back, back_shape = read_hf(str(tmp_path / "back"))
     assert back_shape == shape and back.keys() == hf.keys()

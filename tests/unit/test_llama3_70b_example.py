@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from adadpo_megatron.megatron.arguments import build_parser
-from adadpo_megatron.megatron.config import loss_config_from_args
-from adadpo_megatron.planner_cli import plan_from_argv
+from adadpo_megatron.planner.cli import plan_from_argv
+from adadpo_megatron.trainer.arguments import build_parser
+from adadpo_megatron.trainer.config import loss_config_from_args
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "llama3_70b"
@@ -109,7 +109,7 @@ def test_scripts_are_valid_bash() -> None:
 
 
 def test_trainer_validates_the_layout_for_64_gpus() -> None:
-    from adadpo_megatron.megatron.config import config_from_args
+    from adadpo_megatron.trainer.config import config_from_args
 
     flags = _bash_array("ADADPO_70B_FLAGS")
     args = build_parser().parse_args([*flags, "--device", "cuda"])

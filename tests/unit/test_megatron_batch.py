@@ -1,4 +1,4 @@
-"""Micro-batch -> GPTModel inputs (adadpo_megatron.megatron.batch) and config mapping checks.
+"""Micro-batch -> GPTModel inputs (adadpo_megatron.step.batch) and config mapping checks.
 
 No process group here: the model-level checks against a single process are in
 tests/distributed/test_parallel_layouts.py.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adadpo_megatron.logprobs import split_thd_for_cp
-from adadpo_megatron.megatron.batch import (
+from adadpo_megatron.step.batch import (
     block_causal_mask,
     prepare_model_inputs,
     schedule_shape,
@@ -111,7 +111,7 @@ def test_cp_needs_thd():
 
 
 def test_transformer_config_mapping_and_errors():
-    from adadpo_megatron.megatron.model import GPTOptions, build_transformer_config
+    from adadpo_megatron.step.model import GPTOptions, build_transformer_config
 
     cfg = build_transformer_config(
         num_layers=4,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adadpo_megatron.megatron import megatron_lm
+from adadpo_megatron.integrations import megatron_lm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,8 +60,8 @@ def _recipe_args(*extra: str) -> argparse.Namespace:
 
 
 def test_plugin_flags_sit_beside_megatron_lm_flags() -> None:
-    from adadpo_megatron.megatron.config import loss_config_from_args
-    from adadpo_megatron.megatron.fp8 import FP8Settings
+    from adadpo_megatron.step.fp8 import FP8Settings
+    from adadpo_megatron.trainer.config import loss_config_from_args
 
     args = _recipe_args()
     megatron_lm.check_args(args)
@@ -141,9 +141,9 @@ def test_forward_step_on_a_tiny_model() -> None:
     from megatron.core import parallel_state
 
     from adadpo_megatron.losses import compute_preference_loss
-    from adadpo_megatron.megatron.config import loss_config_from_args
-    from adadpo_megatron.megatron.cpu import initialize_model_parallel_cpu
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.trainer.config import loss_config_from_args
 
     initialize_model_parallel_cpu(tp=1, pp=1)
     try:

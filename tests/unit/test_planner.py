@@ -10,7 +10,8 @@ import math
 
 import pytest
 
-from adadpo_megatron.planner import (
+from adadpo_megatron.planner.cli import main, plan_from_argv
+from adadpo_megatron.planner.estimate import (
     PRESETS,
     Layout,
     ModelShape,
@@ -22,7 +23,6 @@ from adadpo_megatron.planner import (
     params_total,
     stage_params,
 )
-from adadpo_megatron.planner_cli import main, plan_from_argv
 
 SHAPES = {
     "gqa_swiglu_rms_untied": ModelShape(
@@ -46,7 +46,7 @@ SHAPES = {
 def cpu_megatron():
     from megatron.core import parallel_state
 
-    from adadpo_megatron.megatron.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
 
     initialize_model_parallel_cpu(tp=1, pp=1)
     yield
@@ -54,7 +54,7 @@ def cpu_megatron():
 
 
 def _build(shape: ModelShape, num_layers: int, pre: bool = True, post: bool = True):
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     config = build_transformer_config(
         num_layers=num_layers, hidden_size=shape.hidden_size,

@@ -1,4 +1,4 @@
-"""Trainer flags, YAML configs and validation (adadpo_megatron.megatron.arguments/config),
+"""Trainer flags, YAML configs and validation (adadpo_megatron.trainer.arguments/config),
 plus the CPU-only pieces of the trainer: schedule, side-car, collate, metrics files."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from adadpo_megatron.losses import available_losses
-from adadpo_megatron.megatron.arguments import add_args, build_parser, parse_args, parse_config
-from adadpo_megatron.megatron.config import LOSS_FIELD_FLAGS, ConfigError, config_from_args
+from adadpo_megatron.trainer.arguments import add_args, build_parser, parse_args, parse_config
+from adadpo_megatron.trainer.config import LOSS_FIELD_FLAGS, ConfigError, config_from_args
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = ["--data-path", "/data", "--train-iters", "10"]
@@ -192,7 +192,7 @@ def test_fingerprint_tracks_model_and_loss_not_layout():
 
 
 def test_cosine_schedule_with_warmup():
-    from adadpo_megatron.megatron.optim import build_scheduler
+    from adadpo_megatron.trainer.optim import build_scheduler
 
     cfg = cfg_of("--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-fraction", "0.2",
                  "--train-iters", "10")
@@ -210,7 +210,7 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_collate_packs_concatenates_thd():
-    from adadpo_megatron.megatron.training import collate_packs
+    from adadpo_megatron.trainer.loop import collate_packs
 
     def pack(lens, first_pair):
         total = sum(lens)
@@ -230,7 +230,7 @@ def test_collate_packs_concatenates_thd():
 
 
 def test_sidecar_round_trip_and_refusals(tmp_path):
-    from adadpo_megatron.megatron.reference import (
+    from adadpo_megatron.step.reference import (
         PrecomputedReference,
         SidecarError,
         write_sidecar,
@@ -250,7 +250,7 @@ def test_sidecar_round_trip_and_refusals(tmp_path):
 
 
 def test_metrics_writer_jsonl_and_resume_truncation(tmp_path):
-    from adadpo_megatron.megatron.metrics import MetricsWriter
+    from adadpo_megatron.trainer.metrics import MetricsWriter
 
     lines = []
     w = MetricsWriter(enabled=True, log_dir=str(tmp_path), tensorboard_dir=None,
@@ -310,7 +310,7 @@ def one_process_group(tmp_path_factory):
 
 
 def test_optimizer_step_clips_and_skips(one_process_group):
-    from adadpo_megatron.megatron.optim import optimizer_step
+    from adadpo_megatron.trainer.optim import optimizer_step
 
     sched = argparse.Namespace(steps=0)
     sched.step = lambda increment: setattr(sched, "steps", sched.steps + increment)

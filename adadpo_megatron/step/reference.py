@@ -123,7 +123,7 @@ def build_online_reference(build_chunks: Callable[[], list[torch.nn.Module]],
     directory, any layout dist-checkpointing can reshard) or, when None, are copied from
     ``policy_chunks`` (the policy's weights at this moment: call it before training).
     """
-    from adadpo_megatron.megatron.checkpointing import _unwrap, load_model_weights
+    from adadpo_megatron.trainer.checkpointing import _unwrap, load_model_weights
 
     chunks = build_chunks()
     if len(chunks) != len(policy_chunks):

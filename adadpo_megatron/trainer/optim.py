@@ -24,7 +24,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from adadpo_megatron.megatron.config import TrainConfig
+from adadpo_megatron.trainer.config import TrainConfig
 
 __all__ = ["StepResult", "build_optimizer", "build_scheduler", "ddp_config", "optimizer_step"]
 

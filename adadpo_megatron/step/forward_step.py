@@ -1,6 +1,6 @@
 """``forward_step`` / ``loss_func`` for megatron-core's ``get_forward_backward_func()``.
 
-Per micro-batch: :func:`~adadpo_megatron.megatron.batch.prepare_model_inputs` ->
+Per micro-batch: :func:`~adadpo_megatron.step.batch.prepare_model_inputs` ->
 ``GPTModel`` (``labels=None``: it returns logits ``[B, S, V/TP]``) -> last pipeline stage:
 ``vocab_parallel_logprobs`` (TP collectives) -> ``segment_logprob_sums`` (CP all-reduce)
 -> pair segments ``2i`` (chosen) / ``2i+1`` (rejected) -> ``compute_preference_loss``.
@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from adadpo_megatron.logprobs import segment_logprob_sums, vocab_parallel_logprobs
-from adadpo_megatron.megatron.batch import ModelInputs, prepare_model_inputs
+from adadpo_megatron.step.batch import ModelInputs, prepare_model_inputs
 
 __all__ = [
     "StepContext",
@@ -192,11 +192,11 @@ def make_forward_step(
     build a new forward_step after re-initialising the parallel state.
 
     The returned ``forward_step`` pulls one micro-batch dict (packed or padded, see
-    ``adadpo_megatron.megatron.batch``) from ``data_iterator`` on every pipeline stage,
+    ``adadpo_megatron.step.batch``) from ``data_iterator`` on every pipeline stage,
     runs ``model`` and returns ``(output, loss_func)``; on the last stage ``loss_func``
     returns ``(loss, num_tokens, report)`` as described in the module doc.
     """
-    from adadpo_megatron.megatron.model import transformer_engine_usable
+    from adadpo_megatron.step.model import transformer_engine_usable
 
     if use_thd is None:
         use_thd = transformer_engine_usable()
@@ -252,7 +252,7 @@ def make_reference_forward_step(*, use_thd: bool | None = None):
     tensor of per-segment reference log-prob sums per micro-batch (``[]`` elsewhere); hand
     them to :func:`attach_reference_logps` before the policy pass.
     """
-    from adadpo_megatron.megatron.model import transformer_engine_usable
+    from adadpo_megatron.step.model import transformer_engine_usable
 
     if use_thd is None:
         use_thd = transformer_engine_usable()

@@ -30,7 +30,7 @@ import argparse
 from collections.abc import Iterator
 from typing import Any
 
-from adadpo_megatron.megatron.arguments import add_args as _plugin_add_args
+from adadpo_megatron.trainer.arguments import add_args as _plugin_add_args
 
 __all__ = ["add_args", "check_args", "gpt_options_from_args", "make_forward_step",
            "pack_data_iterator"]
@@ -43,7 +43,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the Megatron-LM flag the AdaDPO entry needs but lacks."""
-    from adadpo_megatron.megatron.config import loss_config_from_args
+    from adadpo_megatron.trainer.config import loss_config_from_args
 
     if getattr(args, "dataloader_type", None) != "external":
         raise ValueError(f"--dataloader-type {getattr(args, 'dataloader_type', None)}: the "
@@ -68,7 +68,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def gpt_options_from_args(args: argparse.Namespace):
     """``model.GPTOptions`` from Megatron-LM's flags (what ``GPTModel`` takes besides config)."""
-    from adadpo_megatron.megatron.model import GPTOptions
+    from adadpo_megatron.step.model import GPTOptions
 
     return GPTOptions(
         position_embedding_type=args.position_embedding_type,
@@ -91,7 +91,7 @@ def _data_path(args: argparse.Namespace) -> str:
 def open_packed_dataset(args: argparse.Namespace):
     """``PackedPairDataset`` of ``--data-path`` padded as the layout needs (CP, SP, FP8, PP)."""
     from adadpo_megatron.data.packed_dataset import PackedPairDataset
-    from adadpo_megatron.megatron.fp8 import FP8Settings, pack_multiple
+    from adadpo_megatron.step.fp8 import FP8Settings, pack_multiple
 
     cp, tp = args.context_parallel_size, args.tensor_model_parallel_size
     segment = (2 * cp if cp > 1 else 1) * (tp if args.sequence_parallel else 1)
@@ -111,7 +111,7 @@ def pack_data_iterator(dataset, args: argparse.Namespace, *, dp_rank: int, dp_si
     number Megatron-LM's loop pulls per iteration.
     """
     from adadpo_megatron.data.sampler import DistributedPackSampler
-    from adadpo_megatron.megatron.training import collate_packs
+    from adadpo_megatron.trainer.loop import collate_packs
 
     sampler = DistributedPackSampler(
         len(dataset), global_batch_size=args.global_batch_size, dp_rank=dp_rank,
@@ -128,12 +128,12 @@ def pack_data_iterator(dataset, args: argparse.Namespace, *, dp_rank: int, dp_si
 def make_forward_step(args: argparse.Namespace, *, use_thd: bool | None = None):
     """``forward_step(data_iterator, model)`` for ``pretrain()`` (per-pair loss mode).
 
-    Wraps :func:`adadpo_megatron.megatron.forward_step.make_forward_step` with the loss
+    Wraps :func:`adadpo_megatron.step.forward_step.make_forward_step` with the loss
     from the plugin flags. Built lazily on the first call, after Megatron-LM has set up
     the parallel state (the wrapped step reads its process groups once).
     """
-    from adadpo_megatron.megatron import forward_step as fs
-    from adadpo_megatron.megatron.config import loss_config_from_args
+    from adadpo_megatron.step import forward_step as fs
+    from adadpo_megatron.trainer.config import loss_config_from_args
 
     loss_cfg = loss_config_from_args(args)
     built: list[Any] = []

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from adadpo_megatron.megatron.config import (
+from adadpo_megatron.trainer.config import (
     LOSS_FIELD_FLAGS,
     ConfigError,
     TrainConfig,
@@ -197,7 +197,7 @@ def _add_logging_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's full parser: Megatron-LM-named flags, plugin flags, FP8 flags, --config."""
-    from adadpo_megatron.megatron.fp8 import add_fp8_args
+    from adadpo_megatron.step.fp8 import add_fp8_args
 
     p = argparse.ArgumentParser(
         prog="adadpo-train",

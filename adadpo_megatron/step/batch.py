@@ -93,7 +93,7 @@ def is_packed_batch(batch: Mapping[str, Any]) -> bool:
         return False
     raise ValueError(
         f"micro-batch tokens have shape {tuple(tokens.shape)}: expected [T] with cu_seqlens "
-        "(packed THD) or [B, S] (padded); see adadpo_megatron.megatron.batch"
+        "(packed THD) or [B, S] (padded); see adadpo_megatron.step.batch"
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from adadpo_megatron.megatron.config import TrainConfig
+from adadpo_megatron.trainer.config import TrainConfig
 
 __all__ = ["Run", "collate_packs", "run_step", "evaluate", "train"]
 
@@ -96,7 +96,7 @@ def _schedule(model: list[torch.nn.Module], step_fn: Callable, microbatches: lis
               *, forward_only: bool, collect_non_loss_data: bool = False) -> list[Any]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from adadpo_megatron.megatron.batch import schedule_shape
+    from adadpo_megatron.step.batch import schedule_shape
 
     seq_length, mbs = schedule_shape(microbatches[0])
     return get_forward_backward_func()(
@@ -117,7 +117,7 @@ def _with_reference(run: Run, microbatches: list[dict[str, Any]],
         return [precomputed.attach(mb) for mb in microbatches]
     if run.reference is None:
         return microbatches
-    from adadpo_megatron.megatron.reference import reference_logps
+    from adadpo_megatron.step.reference import reference_logps
 
     return reference_logps(
         lambda mbs: _schedule(run.reference, run.reference_step, mbs, forward_only=True,
@@ -159,8 +159,8 @@ def run_step(run: Run) -> tuple[dict[str, float], Any]:
     every rank ``pairs``, ``tokens`` (real), ``padded_tokens`` of the global batch and the
     ``lr`` the step applied.
     """
-    from adadpo_megatron.megatron.forward_step import reduce_metrics
-    from adadpo_megatron.megatron.optim import optimizer_step
+    from adadpo_megatron.step.forward_step import reduce_metrics
+    from adadpo_megatron.trainer.optim import optimizer_step
 
     cfg = run.cfg
     pack_ids = run.position.next_step()
@@ -215,7 +215,7 @@ def evaluate(run: Run) -> dict[str, float]:
     """
     from megatron.core import parallel_state as ps
 
-    from adadpo_megatron.megatron.forward_step import reduce_metrics
+    from adadpo_megatron.step.forward_step import reduce_metrics
 
     cfg, data = run.cfg, run.eval_data
     limit = len(data) if cfg.io.eval_iters is None else min(
@@ -239,7 +239,7 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def _save(run: Run) -> None:
-    from adadpo_megatron.megatron.checkpointing import save_checkpoint
+    from adadpo_megatron.trainer.checkpointing import save_checkpoint
 
     cfg = run.cfg
     path = save_checkpoint(

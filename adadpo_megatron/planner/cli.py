@@ -1,7 +1,7 @@
 """Command line of the layout planner (``tools/plan_parallel.py``).
 
 It parses the trainer's own flags with the trainer's own parser
-(``adadpo_megatron.megatron.arguments.build_parser``), so a launch script's flag list
+(``adadpo_megatron.trainer.arguments.build_parser``), so a launch script's flag list
 feeds it unchanged, plus a few planner flags: ``--model`` (a preset shape), ``--vocab-size``
 (the trainer reads it from the dataset's tokenizer), ``--num-gpus``, ``--gpu-memory-gib``,
 ``--segment-length`` and ``--json``. Model-shape flags given explicitly override the preset.
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from adadpo_megatron.planner import GIB, PRESETS, Layout, ModelShape, plan
+from adadpo_megatron.planner.estimate import GIB, PRESETS, Layout, ModelShape, plan
 
 # Trainer flag dest -> ModelShape field (how it is read from the namespace).
 _SHAPE_DESTS = {
@@ -54,7 +54,7 @@ def _add_planner_args(parser: argparse.ArgumentParser) -> None:
 def build_planner_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The trainer's parser plus the planner flags; with ``suppress_defaults`` only given
     flags appear in the namespace (used to tell explicit flags from defaults)."""
-    from adadpo_megatron.megatron.arguments import build_parser
+    from adadpo_megatron.trainer.arguments import build_parser
 
     parser = build_parser()
     parser.prog = "plan_parallel.py"
@@ -97,8 +97,8 @@ def shape_from_args(args: argparse.Namespace, given: set[str]) -> ModelShape:
 
 def layout_from_args(args: argparse.Namespace, shape: ModelShape) -> Layout:
     """The layout, batch and precision from the trainer's flags."""
-    from adadpo_megatron.megatron.config import loss_config_from_args
-    from adadpo_megatron.megatron.fp8 import FP8Settings, pack_multiple
+    from adadpo_megatron.step.fp8 import FP8Settings, pack_multiple
+    from adadpo_megatron.trainer.config import loss_config_from_args
 
     fp8 = FP8Settings.from_args(args)
     vpp = None

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelArgs:
-    """GPT shape (Megatron-LM flag names); mapped onto TransformerConfig by megatron/model.py."""
+    """GPT shape (Megatron-LM flag names); mapped onto TransformerConfig by step/model.py."""
 
     num_layers: int
     """--num-layers: transformer layers in the whole model."""
@@ -198,7 +198,7 @@ class TrainConfig:
     """adadpo_megatron.losses.LossConfig."""
     reference: ReferenceArgs
     fp8: Any
-    """adadpo_megatron.megatron.fp8.FP8Settings."""
+    """adadpo_megatron.step.fp8.FP8Settings."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict of every setting (written to config.json and checkpoints)."""
@@ -430,7 +430,7 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
     ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 when unset). Touches no process
     group, so every error surfaces before any distributed set-up.
     """
-    from adadpo_megatron.megatron.fp8 import FP8Settings, require_transformer_engine
+    from adadpo_megatron.step.fp8 import FP8Settings, require_transformer_engine
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,6 +1,6 @@
 """File formats of the HF <-> megatron-core conversion (``tools/convert_hf_to_megatron.py``).
 
-Readers and writers around the tensor bookkeeping of :mod:`hf_convert`:
+Readers and writers around the tensor bookkeeping of :mod:`adadpo_megatron.conversion.weights`:
 
 * Hugging Face: a directory with ``config.json`` and ``*.safetensors`` (or ``*.bin``),
   read tensor by tensor; or a GGUF file, de-quantized to fp32 by ``transformers``
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from adadpo_megatron.megatron.hf_convert import (
+from adadpo_megatron.conversion.weights import (
     LlamaShape,
     Shards,
     StateDict,
@@ -156,8 +156,8 @@ def read_megatron_torch(root: str) -> Shards:
 
 
 def _build_tp1_model(shape: LlamaShape, padded_vocab: int, dtype: torch.dtype):
-    from adadpo_megatron.megatron.cpu import initialize_model_parallel_cpu
-    from adadpo_megatron.megatron.model import build_gpt_model, build_transformer_config
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     initialize_model_parallel_cpu(tp=1, pp=1)
     config = build_transformer_config(
@@ -176,7 +176,7 @@ def write_megatron_dist(full: StateDict, shape: LlamaShape, out: str,
     """A dist-checkpoint ``adadpo-train --load OUT --finetune`` reads; returns its directory."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    from adadpo_megatron.megatron.checkpointing import FORMAT_VERSION, META
+    from adadpo_megatron.trainer.checkpointing import FORMAT_VERSION, META
 
     padded = full["embedding.word_embeddings.weight"].shape[0]
     model = _build_tp1_model(shape, padded, dtype)
@@ -207,7 +207,7 @@ def read_megatron_dist(root: str, shape: LlamaShape) -> StateDict:
     """
     from megatron.core import dist_checkpointing, parallel_state
 
-    from adadpo_megatron.megatron import checkpointing as ckpt
+    from adadpo_megatron.trainer import checkpointing as ckpt
 
     latest = ckpt._iter_dir(root, ckpt.latest_iteration(root))
     metadata = dist_checkpointing.load_tensors_metadata(latest)

@@ -1,0 +1,1 @@
+"""Integrations with other training loops: Megatron-LM's ``pretrain()`` (``megatron_lm``)."""
