@@ -2,7 +2,8 @@
 
     adadpo-pack INPUT.jsonl --output DIR --tokenizer PATH --pack-size N
         [--max-seq-len N] [--min-prompt-tokens N] [--algorithm ffd|first_fit_shuffle|bfd]
-        [--seed S] [--align N] [--chat-template auto|tokenizer|none|chatml|llama3|plain|PATH]
+        [--seed S] [--align N] [--prefix-sharing] [--max-pairs-per-pack N]
+        [--chat-template auto|tokenizer|none|chatml|llama3|plain|PATH]
         [--no-bos] [--no-eos] [--bos-token TEXT] [--eos-token TEXT] [--strict] [--overwrite]
 
 Input forms: :mod:`adadpo_megatron.data.records`. BOS/EOS and truncation rules:
@@ -45,9 +46,15 @@ from adadpo_megatron.data.packed_format import (
     dataset_fingerprint,
 )
 from adadpo_megatron.data.packed_writer import PackedWriter
+from adadpo_megatron.data.prefix_layout import (
+    SHARED_PREFIX_ARRAY,
+    layout_meta,
+    limit_pairs_per_pack,
+    segment_skips,
+)
 from adadpo_megatron.data.records import PreferenceRecord, RecordRejected, iter_lines, parse_line
 from adadpo_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
-from adadpo_megatron.packing import ALGORITHMS, pack_pairs
+from adadpo_megatron.packing import ALGORITHMS, footprints, pack_pairs
 
 __all__ = ["PackError", "PackOptions", "build_parser", "main", "pack_jsonl"]
 
@@ -100,6 +107,10 @@ class PackOptions:
     """Replace an existing packed dataset at ``output``."""
     progress: bool | None = None
     """tqdm progress bar; None: only when stderr is a terminal."""
+    prefix_sharing: bool = False
+    """--prefix-sharing: lay each pair out as [prompt | chosen | rejected] (data.prefix_layout)."""
+    max_pairs_per_pack: int | None = None
+    """--max-pairs-per-pack: at most this many pairs per pack (1: one pair per pack)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         "set it to the trainer's segment padding (2*CP, times TP with sequence "
         "parallelism) so padded packs still fit (default 1)",
     )
+    pk.add_argument(
+        "--prefix-sharing",
+        action="store_true",
+        help="lay each pair out as [prompt | chosen | rejected]: the prompt runs through the "
+        "model once, the rejected tokens attend to it (and keep their own positions); the "
+        "packer counts P+C+R tokens a pair instead of 2P+C+R",
+    )
+    pk.add_argument(
+        "--max-pairs-per-pack",
+        type=int,
+        metavar="N",
+        help="at most N pairs per pack (1: one pair per pack, the padded baseline); "
+        "fuller packs are split in order (default: no limit)",
+    )
     return p
 
 
@@ -191,6 +216,8 @@ def _options(args: argparse.Namespace) -> PackOptions:
         eos_token=args.eos_token,
         strict=args.strict,
         overwrite=args.overwrite,
+        prefix_sharing=args.prefix_sharing,
+        max_pairs_per_pack=args.max_pairs_per_pack,
     )
 
 
@@ -262,15 +289,22 @@ def _write_index(directory: Path, writer: PackedWriter, opts: PackOptions) -> di
     """Pack, write index.npz; return the packing facts for meta.json."""
     lengths = np.asarray(writer.lengths, dtype=np.int64).reshape(-1, 2)
     cfg = opts.encode
+    shared = np.asarray(writer.shared_lens, dtype=np.int64) if opts.prefix_sharing else None
+    seg_lens = lengths - segment_skips(shared, writer.num_pairs).reshape(-1, 2)
     plan = pack_pairs(
-        lengths[:, 0],
-        lengths[:, 1],
+        seg_lens[:, 0],
+        seg_lens[:, 1],
         cfg.capacity,
         algorithm=opts.algorithm,
         seed=opts.seed,
         align=cfg.align,
     )
+    if opts.max_pairs_per_pack is not None:
+        plan = limit_pairs_per_pack(
+            plan, opts.max_pairs_per_pack, footprints(seg_lens[:, 0], seg_lens[:, 1], cfg.align)
+        )
     n = writer.num_pairs
+    extra = {} if shared is None else {SHARED_PREFIX_ARRAY: shared}
     np.savez(
         directory / INDEX_FILE,
         pack_offsets=plan.pack_offsets,
@@ -281,8 +315,9 @@ def _write_index(directory: Path, writer: PackedWriter, opts: PackOptions) -> di
         seq_pair_id=np.repeat(np.arange(n, dtype=np.int64), 2),
         seq_is_chosen=np.tile(np.array([True, False]), n),
         pair_source_line=np.asarray(writer.source_lines, dtype=np.int64),
+        **extra,
     )
-    real_tokens = int(lengths.sum())
+    real_tokens = int(seg_lens.sum())
     return {
         "num_packs": plan.num_packs,
         "real_tokens": real_tokens,
@@ -320,6 +355,7 @@ def _meta(
         "align": cfg.align,
         "algorithm": opts.algorithm,
         "seed": opts.seed,
+        "layout": layout_meta(opts.prefix_sharing, opts.max_pairs_per_pack),
         "pairs_packed": writer.num_pairs,
         "lines_rejected": writer.reasons.total(),
         "rejects_by_reason": dict(sorted(writer.reasons.items())),
@@ -417,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.seed < 2**64:
         parser.error(f"--seed must be in [0, 2^64), got {args.seed}")
+    if args.max_pairs_per_pack is not None and args.max_pairs_per_pack < 1:
+        parser.error(f"--max-pairs-per-pack must be >= 1, got {args.max_pairs_per_pack}")
     start = time.perf_counter()
     try:
         opts = _options(args)

@@ -14,6 +14,28 @@ pair_index     int64 [S]        dataset-wide pair id of each segment
 is_chosen      bool [S]         True for the chosen segment of each pair
 =============  ===============  =====================================================
 
+A prefix-shared dataset (``adadpo-pack --prefix-sharing``, :mod:`.prefix_layout`) adds
+
+=================  ===========  ==================================================
+shared_prefix_len  int64 [S]    for a rejected segment, the leading tokens of its pair's
+                                chosen segment it also attends to (the shared prefix s);
+                                0 for chosen segments
+=================  ===========  ==================================================
+
+and its rejected segments hold only the tokens after the shared prefix, with position ids
+starting at ``s``. Worked example, prompt ``BOS p1 p2`` (prompt_len 3, so s = 2),
+chosen completion ``c1 EOS``, rejected ``r1 r2 EOS``::
+
+    segment        chosen (2*j)               rejected (2*j+1)
+    tokens         BOS p1  p2  c1  EOS        p2  r1  r2  EOS
+    position_ids   0   1   2   3   4          2   3   4   5
+    labels         p1  p2  c1  EOS 0          r1  r2  EOS 0
+    loss_mask      0   0   1   1   0          1   1   1   0
+    cu_seqlens     [0, 5, 9]   shared_prefix_len [0, 2]   (9 tokens instead of 11)
+
+The rejected tokens attend to ``BOS p1`` (the first 2 tokens of the chosen segment) and to
+the rejected tokens before them, never to ``p2 c1 EOS`` of the chosen segment.
+
 Padding is appended inside segments (loss mask 0), never as extra segments: each segment
 to a multiple of ``segment_multiple`` (2*CP, times TP under sequence parallelism), then the
 pack to a multiple of ``lcm(segment_multiple, pack_multiple)`` (``pack_multiple``: 16 for
@@ -46,6 +68,12 @@ from adadpo_megatron.data.packed_format import (
     TOKENS_PREFIX,
     dataset_fingerprint,
     indexed_dataset_module,
+)
+from adadpo_megatron.data.prefix_layout import (
+    LAYOUT_PREFIX_SHARED,
+    SHARED_PREFIX_ARRAY,
+    layout_kind,
+    segment_skips,
 )
 from adadpo_megatron.data.tokenizer import file_sha256
 
@@ -181,15 +209,43 @@ class PackedPairDataset(torch.utils.data.Dataset):
             raise PackedDatasetError(
                 f"{index_path}: sequences are not in pair order (chosen 2j, rejected 2j+1)"
             )
+        self.prefix_shared = self._load_shared_prefix(index_path, n)
         self._pack_offsets = arrays["pack_offsets"]
         self._pair_order = arrays["pair_order"]
         self._pack_of_pair = arrays["pack_of_pair"]
         self._prompt_len = arrays["seq_prompt_len"]
         self._source_line = arrays["pair_source_line"]
 
+    def _load_shared_prefix(self, index_path: Path, n: int) -> bool:
+        """Reads the layout; sets ``_skip`` [2N] and ``_seg_lengths`` [2N]; True if shared."""
+        try:
+            kind = layout_kind(self.meta, str(self.path / META_FILE))
+        except ValueError as exc:
+            raise PackedDatasetError(str(exc)) from None
+        shared = None
+        if kind == LAYOUT_PREFIX_SHARED:
+            with np.load(index_path) as npz:
+                if SHARED_PREFIX_ARRAY not in npz:
+                    raise PackedDatasetError(
+                        f"{index_path}: {SHARED_PREFIX_ARRAY} missing but meta.json says the "
+                        "layout is prefix_shared; the directory is corrupt: re-pack it"
+                    )
+                shared = npz[SHARED_PREFIX_ARRAY].astype(np.int64)
+            if shared.shape != (n,) or (shared < 0).any() or (
+                shared >= np.minimum(self._seq_lengths[0::2], self._seq_lengths[1::2])
+            ).any():
+                raise PackedDatasetError(
+                    f"{index_path}: {SHARED_PREFIX_ARRAY} must be [N] with 0 <= s < both "
+                    "sequence lengths; the directory is corrupt: re-pack it"
+                )
+        self._shared = shared
+        self._skip = segment_skips(shared, n)
+        self._seg_lengths = self._seq_lengths - self._skip
+        return shared is not None
+
     def _padded_pack_lengths(self) -> np.ndarray:
         m = self.segment_multiple
-        padded = -(-self._seq_lengths // m) * m
+        padded = -(-self._seg_lengths // m) * m
         pair_len = padded[0::2] + padded[1::2]
         raw = np.bincount(self._pack_of_pair, weights=pair_len, minlength=len(self)).astype(
             np.int64
@@ -251,7 +307,7 @@ class PackedPairDataset(torch.utils.data.Dataset):
         """Pack ``i`` as a THD micro-batch dict (see the module docstring)."""
         pairs = self.pairs_in_pack(i)
         docs = np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
-        lens = self._seq_lengths[docs]
+        lens, skips = self._seg_lengths[docs], self._skip[docs]
         m = self.segment_multiple
         seg = -(-lens // m) * m
         seg[-1] += int(self.pack_lengths[i % len(self)]) - int(seg.sum())
@@ -261,14 +317,15 @@ class PackedPairDataset(torch.utils.data.Dataset):
         labels = np.zeros(total, dtype=np.int64)
         loss_mask = np.zeros(total, dtype=np.float32)
         for k, doc in enumerate(docs.tolist()):
-            s, n = int(cu[k]), int(lens[k])
-            seq = self._sequence(doc)
+            s, n, skip = int(cu[k]), int(lens[k]), int(skips[k])
+            seq = self._sequence(doc)[skip:]
             tokens[s : s + n] = seq
             labels[s : s + n - 1] = seq[1:]
-            # Position t is scored when its label t+1 lies in the completion: t >= prompt_len-1.
-            loss_mask[s + max(int(self._prompt_len[doc]) - 1, 0) : s + n - 1] = 1.0
-        position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], seg)
-        return {
+            # Position t is scored when its label t+1 lies in the completion: t >= prompt_len-1
+            # (t counted in the stored sequence, whose first `skip` tokens the layout drops).
+            loss_mask[s + max(int(self._prompt_len[doc]) - 1 - skip, 0) : s + n - 1] = 1.0
+        position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1] - skips, seg)
+        out = {
             "tokens": torch.from_numpy(tokens),
             "position_ids": torch.from_numpy(position_ids),
             "labels": torch.from_numpy(labels),
@@ -278,6 +335,9 @@ class PackedPairDataset(torch.utils.data.Dataset):
             "pair_index": torch.from_numpy(np.repeat(pairs, 2).astype(np.int64)),
             "is_chosen": torch.from_numpy(np.tile(np.array([True, False]), len(pairs))),
         }
+        if self.prefix_shared:
+            out["shared_prefix_len"] = torch.from_numpy(skips.astype(np.int64))
+        return out
 
     def pair(self, j: int) -> dict[str, Any]:
         """Pair ``j``: ``prompt``, ``chosen``, ``rejected`` token-id lists and ``source_line``.

@@ -10,6 +10,7 @@ import numpy as np
 
 from adadpo_megatron.data.encode import EncodedPair
 from adadpo_megatron.data.packed_format import REJECTS_FILE, TOKENS_PREFIX, indexed_dataset_module
+from adadpo_megatron.data.prefix_layout import shared_prefix_len
 from adadpo_megatron.data.records import RecordRejected
 from adadpo_megatron.data.tokenizer import Tokenizer
 
@@ -36,6 +37,8 @@ class PackedWriter:
         self.lengths: list[int] = []
         self.prompt_lens: list[int] = []
         self.source_lines: list[int] = []
+        self.shared_lens: list[int] = []
+        """Per pair: the prefix the prefix-shared layout lets the rejected branch reuse."""
         self.prompts_truncated = 0
         self.completions_truncated = 0
 
@@ -54,6 +57,11 @@ class PackedWriter:
             self.lengths.append(len(seq))
             self.prompt_lens.append(prompt_len)
         self.source_lines.append(line)
+        self.shared_lens.append(
+            shared_prefix_len(
+                pair.chosen, pair.rejected, pair.chosen_prompt_len, pair.rejected_prompt_len
+            )
+        )
         self.prompts_truncated += int(pair.prompt_truncated)
         self.completions_truncated += pair.completions_truncated
 
