@@ -24,6 +24,12 @@ attention must stay inside each segment:
 end of each row with ``loss_mask`` 0; a plain causal mask (megatron-core's default when
 ``attention_mask`` is None) is exact since no real token attends to a later pad.
 
+**Prefix-shared packs** (``shared_prefix_len [S]`` in the batch, ``adadpo-pack
+--prefix-sharing``) need the prefix-shared core attention (``step/attention.py``, chosen by
+``GPTOptions.prefix_attention``): ``attention_mask`` is then a ``SharedLayout`` built once
+per micro-batch, ``packed_seq_params`` is None, and RoPE follows ``position_ids``
+(``step/rotary.py``). Context parallelism is refused with sharing.
+
 Under context parallelism (packed format only, TE required), each rank keeps its share
 of every segment (``adadpo_megatron.logprobs.split_thd_for_cp``) while
 ``PackedSeqParams`` carries the global boundaries, as TE's CP attention expects.
@@ -149,6 +155,7 @@ def prepare_model_inputs(
     use_thd: bool,
     cp_size: int = 1,
     cp_rank: int = 0,
+    shared_attention: str | None = None,
 ) -> ModelInputs:
     """Converts one micro-batch (packed or padded, see the module doc) into :class:`ModelInputs`.
 
@@ -159,6 +166,9 @@ def prepare_model_inputs(
             True, through a block-diagonal causal mask when False. Ignored for padded.
         cp_size, cp_rank: context-parallel size and rank; > 1 splits a packed batch's
             tokens (needs ``use_thd``). Padded batches under CP are not supported.
+        shared_attention: the model's prefix-sharing attention (``mask``/``flex``/``te``), or
+            None when it has megatron-core's own; packed batches then carry a ``SharedLayout``
+            as ``attention_mask`` (``use_thd`` is ignored). A prefix-shared batch needs it.
 
     Raises ValueError on a malformed batch or an unsupported combination.
     """
@@ -174,6 +184,18 @@ def prepare_model_inputs(
             )
         tok = {k: batch[k] for k in _TOKEN_KEYS}
         local_cu = cu
+        shared = _shared_prefix(batch, shared_attention, cp_size)
+        if shared_attention is not None:
+            tok = {k: v.to(device, non_blocking=True).unsqueeze(0) for k, v in tok.items()}
+            from adadpo_megatron.step.attention import build_shared_layout
+
+            layout = build_shared_layout(cu, shared, device, shared_attention)
+            return ModelInputs(
+                input_ids=tok["tokens"], position_ids=tok["position_ids"],
+                attention_mask=layout, packed_seq_params=None, labels=tok["labels"],
+                loss_mask=tok["loss_mask"].float(), cu_seqlens=cu, pair_index=pair_index,
+                is_chosen=is_chosen, ref_logps=ref,
+            )
         if cp_size > 1:
             if not use_thd:
                 raise ValueError(
@@ -214,6 +236,27 @@ def prepare_model_inputs(
         is_chosen=is_chosen,
         ref_logps=ref,
     )
+
+
+def _shared_prefix(
+    batch: Mapping[str, Any], shared_attention: str | None, cp_size: int
+) -> torch.Tensor | None:
+    """``shared_prefix_len`` (CPU) of a packed batch, checked against the model and CP."""
+    shared = batch.get("shared_prefix_len")
+    shared = None if shared is None else shared.cpu()
+    is_shared = shared is not None and bool((shared > 0).any())
+    if is_shared and shared_attention is None:
+        raise ValueError(
+            "the micro-batch is prefix-shared (adadpo-pack --prefix-sharing) but the model was "
+            "built without prefix-sharing attention (GPTOptions.prefix_attention); build it "
+            "with prefix_attention='mask'|'flex'|'te' or re-pack without --prefix-sharing"
+        )
+    if shared_attention is not None and cp_size > 1:
+        raise ValueError(
+            f"prefix sharing with context parallel size {cp_size} is not supported: use "
+            "--context-parallel-size 1 or re-pack without --prefix-sharing"
+        )
+    return shared
 
 
 def _packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, device):

@@ -211,6 +211,12 @@ def make_forward_step(
 
 
 
+def _prefix_attention(model: torch.nn.Module) -> str | None:
+    """The model's prefix-sharing attention (GPTOptions.prefix_attention), None if absent."""
+    opts = getattr(_model_config(model), "adadpo_gpt_options", None)
+    return getattr(opts, "prefix_attention", None)
+
+
 def _run_model(
     batch: Mapping[str, Any], model: torch.nn.Module, use_thd: bool, groups: _Groups
 ) -> tuple[ModelInputs, torch.Tensor]:
@@ -221,6 +227,7 @@ def _run_model(
         use_thd=use_thd,
         cp_size=groups.cp_size,
         cp_rank=groups.cp_rank,
+        shared_attention=_prefix_attention(model),
     )
     output = model(
         inputs.input_ids,

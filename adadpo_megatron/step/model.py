@@ -19,6 +19,7 @@ describes the model; :func:`build_gpt_model` reads them from there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -51,6 +52,9 @@ class GPTOptions:
     """--rotary-percent: fraction of each head's dims that RoPE rotates."""
     untie_embeddings: bool = False
     """--untie-embeddings-and-output-weights: separate output layer (Llama) vs tied (GPT-2)."""
+    prefix_attention: Literal["mask", "flex", "te"] | None = None
+    """Core attention for prefix-shared packs (step/attention.py); None: megatron's own.
+    Set by the trainer when the data is packed with --prefix-sharing."""
 
 
 @functools.cache
@@ -206,15 +210,27 @@ def _cpu_pipeline_settings(
         )
 
 
-def _layer_spec(config, use_te: bool):
+def _layer_spec(config, use_te: bool, prefix_attention: str | None = None):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    # 0.16 takes these by keyword; 0.19 forwards *args/**kwargs to
-    # get_gpt_layer_local_submodules with the same keyword names. Never pass positionally:
-    # the positional order changed between releases.
-    return specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization=config.normalization)
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    else:
+        # 0.16 takes these by keyword; 0.19 forwards *args/**kwargs to
+        # get_gpt_layer_local_submodules with the same keyword names. Never pass positionally:
+        # the positional order changed between releases.
+        spec = specs.get_gpt_layer_local_spec(
+            qk_layernorm=False, normalization=config.normalization
+        )
+    if prefix_attention is not None:
+        from adadpo_megatron.step.attention import core_attention_class
+
+        # Only the core attention changes: linear layers (TE's and FP8 included) stay.
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = core_attention_class(
+            prefix_attention
+        )
+    return spec
 
 
 def build_gpt_model(
@@ -235,9 +251,13 @@ def build_gpt_model(
     the local spec otherwise; ``use_te=True`` without a usable TE raises RuntimeError.
     ``vocab_size`` must already be padded to a multiple of the TP size (Megatron-LM's
     ``--make-vocab-size-divisible-by``). The model returns logits ``[B, S, V/TP]`` when
-    called with ``labels=None`` (0.16 and 0.19 alike).
+    called with ``labels=None`` (0.16 and 0.19 alike). RoPE angles follow ``position_ids``
+    (``step/rotary.py``); ``adadpo_gpt_options.prefix_attention`` swaps in the prefix-shared
+    core attention (``step/attention.py``).
     """
     from megatron.core.models.gpt import GPTModel
+
+    from adadpo_megatron.step.rotary import positional_gpt_model
 
     if use_te is None:
         use_te = transformer_engine_usable()
@@ -254,7 +274,7 @@ def build_gpt_model(
     opts = getattr(config, "adadpo_gpt_options", None) or GPTOptions()
     kwargs: dict[str, Any] = dict(
         config=config,
-        transformer_layer_spec=_layer_spec(config, use_te),
+        transformer_layer_spec=_layer_spec(config, use_te, opts.prefix_attention),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,
@@ -269,7 +289,7 @@ def build_gpt_model(
         kwargs["vp_stage"] = vp_stage
     elif vp_stage is not None:
         raise RuntimeError("this megatron-core's GPTModel has no vp_stage: upgrade to >= 0.14")
-    return GPTModel(**kwargs)
+    return positional_gpt_model(**kwargs)
 
 
 def build_model_chunks(

@@ -47,6 +47,8 @@ def collate_packs(packs: list[dict[str, Any]]) -> dict[str, Any]:
         offset += int(p["cu_seqlens"][-1])
     out["cu_seqlens"] = torch.cat(bounds).to(torch.int32)
     out["max_seqlen"] = max(int(p["max_seqlen"]) for p in packs)
+    if "shared_prefix_len" in packs[0]:  # one dataset, one layout: all packs have it
+        out["shared_prefix_len"] = torch.cat([p["shared_prefix_len"] for p in packs])
     if all("ref_logps" in p for p in packs):
         out["ref_logps"] = torch.cat([p["ref_logps"] for p in packs])
     return out

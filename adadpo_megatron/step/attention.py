@@ -1,0 +1,332 @@
+"""Core attention for the prefix-shared layout, swapped into megatron-core's layer spec.
+
+A packed micro-batch in the prefix-shared layout (``adadpo_megatron.data.prefix_layout``)
+holds per pair a chosen segment ``[prefix | chosen]`` and a rejected segment; the rejected
+tokens must see the first ``s`` tokens of the chosen segment (the shared prefix) and the
+rejected tokens before them, never the chosen ones; no pair sees another. Per token::
+
+    pair[t]    index of the token's pair in the micro-batch
+    branch[t]  0 in the shared prefix, 1 in the rest of the chosen segment, 2 rejected
+    q may attend k  iff  pair[q] == pair[k] and k <= q and branch[k] in (0, branch[q])
+
+(``s = 0`` everywhere is the ordinary block-diagonal causal layout.) :class:`SharedLayout`
+carries that description through ``GPTModel`` as the ``attention_mask`` argument (megatron
+passes it untouched to the core attention), built once per micro-batch for all layers.
+Only ``core_attention`` of each layer's spec changes, so the linear layers (Transformer
+Engine's and FP8 included) are untouched. Three implementations, one contract:
+
+- ``mask`` (:class:`MaskSharedAttention`): megatron-core's local ``DotProductAttention`` with
+  the explicit boolean mask ``[1, 1, T, T]``: the reference; CPU and the local spec.
+- ``flex`` (:class:`FlexSharedAttention`): PyTorch FlexAttention with a block mask (the fast
+  path on a GPU without TE). On the CPU PyTorch runs it forward only (no backward).
+- ``te`` (:class:`TESharedAttention`): Transformer Engine's THD attention with separate query
+  and key/value ``cu_seqlens``: each rejected segment's keys/values are the shared prefix's
+  followed by its own, with bottom-right causal alignment; a chosen segment is an ordinary
+  causal sequence. Written against TE's ``DotProductAttention`` API; **not run yet** (no GPU
+  with TE was available).
+
+Rotary embeddings are applied before the core attention, per token by position id
+(:mod:`adadpo_megatron.step.rotary`), so every implementation sees correctly rotated keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import torch
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "FlexSharedAttention",
+    "MaskSharedAttention",
+    "SharedLayout",
+    "TESharedAttention",
+    "build_shared_layout",
+    "core_attention_class",
+    "token_pair_branch",
+]
+
+IMPLEMENTATIONS = ("mask", "flex", "te")
+"""Valid prefix-sharing attention implementations."""
+
+
+def token_pair_branch(
+    cu_seqlens: torch.Tensor, shared_prefix_len: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``pair`` and ``branch`` ids (int64 ``[T]``, CPU) of a packed micro-batch.
+
+    ``cu_seqlens`` int ``[S+1]`` (segments ``2i`` chosen, ``2i+1`` rejected);
+    ``shared_prefix_len`` int ``[S]`` (``s`` on rejected segments, 0 elsewhere) or None.
+    """
+    cu = cu_seqlens.to("cpu", torch.long)
+    lens = cu[1:] - cu[:-1]
+    total = int(cu[-1])
+    seg = torch.repeat_interleave(torch.arange(lens.numel()), lens, output_size=total)
+    pair = seg // 2
+    branch = 1 + seg % 2
+    if shared_prefix_len is not None:
+        s = shared_prefix_len.to("cpu", torch.long)
+        # The shared prefix of pair i: the first s[2i+1] tokens of segment 2i.
+        prefix = s[seg | 1]  # s of this token's pair (read from its rejected segment)
+        offset = torch.arange(total) - cu[:-1][seg]
+        branch = torch.where((seg % 2 == 0) & (offset < prefix), torch.zeros_like(branch), branch)
+    return pair, branch
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class SharedLayout:
+    """Attention layout of one packed micro-batch, for every layer (passed as attention_mask).
+
+    Built by :func:`build_shared_layout`; holds what the chosen implementation needs.
+    """
+
+    impl: str
+    """mask | flex | te: which fields below are filled."""
+    pair: torch.Tensor
+    """int64 [T] on the device: pair index of each token."""
+    branch: torch.Tensor
+    """int64 [T] on the device: 0 shared prefix, 1 chosen, 2 rejected."""
+    dense_mask: torch.Tensor | None = None
+    """bool [1, 1, T, T], True = masked out (mask)."""
+    block_mask: Any = None
+    """FlexAttention BlockMask (flex)."""
+    te_kv_index: torch.Tensor | None = None
+    """int64 [T_kv]: key/value rows gathered per THD sequence (te)."""
+    te_cu_q: torch.Tensor | None = None
+    """int32 [S+1]: query boundaries (te)."""
+    te_cu_kv: torch.Tensor | None = None
+    """int32 [S+1]: key/value boundaries in the gathered rows (te)."""
+    te_max_q: int = 0
+    te_max_kv: int = 0
+
+
+def _allowed(pair: torch.Tensor, branch: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    same_pair = pair[q] == pair[k]
+    visible = (branch[k] == 0) | (branch[k] == branch[q])
+    return same_pair & visible & (k <= q)
+
+
+def build_shared_layout(
+    cu_seqlens: torch.Tensor,
+    shared_prefix_len: torch.Tensor | None,
+    device: torch.device | str,
+    impl: str,
+) -> SharedLayout:
+    """The :class:`SharedLayout` of a packed micro-batch for implementation ``impl``.
+
+    Args:
+        cu_seqlens: int ``[S+1]`` CPU segment boundaries (chosen/rejected alternating).
+        shared_prefix_len: int ``[S]`` CPU (see ``PackedPairDataset``), or None (no sharing).
+        device: where the model runs; every index tensor is built on the CPU and copied.
+        impl: ``mask``, ``flex`` or ``te``.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"prefix-sharing attention {impl!r}: use one of {IMPLEMENTATIONS}")
+    pair_c, branch_c = token_pair_branch(cu_seqlens, shared_prefix_len)
+    pair, branch = pair_c.to(device), branch_c.to(device)
+    layout = SharedLayout(impl=impl, pair=pair, branch=branch)
+    total = pair_c.numel()
+    if impl == "mask":
+        pos = torch.arange(total, device=device)
+        allowed = _allowed(pair, branch, pos[:, None], pos[None, :])
+        layout.dense_mask = (~allowed).view(1, 1, total, total)
+    elif impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return _allowed(pair, branch, q_idx, kv_idx)
+
+        layout.block_mask = create_block_mask(mask_mod, None, None, total, total, device=device)
+    else:
+        _te_indices(layout, cu_seqlens, shared_prefix_len, device)
+    return layout
+
+
+def _te_indices(layout: SharedLayout, cu_seqlens, shared_prefix_len, device) -> None:
+    """Per segment a THD sequence: chosen q = kv = its own tokens; rejected q = its tokens,
+    kv = the shared prefix (start of the chosen segment) then its tokens (bottom-right)."""
+    cu = cu_seqlens.to("cpu", torch.long)
+    s = (torch.zeros(cu.numel() - 1, dtype=torch.long) if shared_prefix_len is None
+         else shared_prefix_len.to("cpu", torch.long))
+    pieces, kv_lens = [], []
+    for k in range(cu.numel() - 1):
+        own = torch.arange(int(cu[k]), int(cu[k + 1]))
+        if k % 2 == 1 and int(s[k]) > 0:
+            own = torch.cat([torch.arange(int(cu[k - 1]), int(cu[k - 1]) + int(s[k])), own])
+        pieces.append(own)
+        kv_lens.append(own.numel())
+    kv_lens_t = torch.tensor(kv_lens, dtype=torch.long)
+    layout.te_kv_index = torch.cat(pieces).to(device)
+    layout.te_cu_q = cu.to(torch.int32).to(device)
+    layout.te_cu_kv = torch.cat([torch.zeros(1, dtype=torch.long), kv_lens_t.cumsum(0)]).to(
+        torch.int32).to(device)
+    layout.te_max_q = int((cu[1:] - cu[:-1]).max())
+    layout.te_max_kv = int(kv_lens_t.max())
+
+
+def _softmax_scale(config, softmax_scale: float | None, layer_number: int) -> float:
+    head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    if config.apply_query_key_layer_scaling:
+        scale /= max(1, layer_number)
+    return scale
+
+
+class _SharedAttentionBase(torch.nn.Module):
+    """Common constructor (megatron-core's core_attention signature) and shape handling."""
+
+    impl = ""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None) -> None:
+        super().__init__()
+        if config.context_parallel_size > 1:
+            raise ValueError(
+                "prefix sharing with --context-parallel-size > 1 is not supported: re-pack "
+                "without --prefix-sharing, or use CP=1"
+            )
+        self.config = config
+        self.layer_number = layer_number
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = _softmax_scale(config, softmax_scale, layer_number)
+
+    def _layout(self, attention_mask) -> SharedLayout:
+        if not isinstance(attention_mask, SharedLayout) or attention_mask.impl != self.impl:
+            raise ValueError(
+                f"{type(self).__name__} needs a SharedLayout(impl={self.impl!r}) as "
+                f"attention_mask, got {type(attention_mask).__name__}; build the micro-batch "
+                "with prepare_model_inputs(..., shared_attention=...) (adadpo_megatron.step.batch)"
+            )
+        return attention_mask
+
+
+class MaskSharedAttention(_SharedAttentionBase):
+    """Explicit mask: megatron-core's local ``DotProductAttention`` with the layout's mask."""
+
+    impl = "mask"
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None) -> None:
+        super().__init__(config, layer_number, attn_mask_type, attention_type,
+                         attention_dropout, softmax_scale, cp_comm_type, pg_collection)
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        kwargs = dict(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                      attention_type=attention_type, attention_dropout=attention_dropout,
+                      softmax_scale=softmax_scale, cp_comm_type=cp_comm_type)
+        if pg_collection is not None:
+            kwargs["pg_collection"] = pg_collection
+        self.inner = DotProductAttention(**kwargs)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """``query [sq, b, np, hn]``, ``key``/``value [sk, b, ng, hn]`` -> ``[sq, b, np*hn]``.
+
+        A :class:`SharedLayout` gives its dense mask; a tensor or None (padded batches) is
+        passed through to megatron-core's attention as is.
+        """
+        mask = attention_mask
+        if isinstance(attention_mask, SharedLayout):
+            mask = self._layout(attention_mask).dense_mask
+        return self.inner(query, key, value, mask, attn_mask_type=attn_mask_type,
+                          attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+
+
+class FlexSharedAttention(_SharedAttentionBase):
+    """FlexAttention with the layout's block mask (compiled on CUDA, eager elsewhere)."""
+
+    impl = "flex"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.dropout_p > 0:
+            raise ValueError(
+                f"--attention-dropout {self.dropout_p}: FlexAttention has no attention dropout; "
+                "use 0, or the mask implementation"
+            )
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """``query [T, 1, np, hn]``, ``key``/``value [T, 1, ng, hn]`` -> ``[T, 1, np*hn]``."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        layout = self._layout(attention_mask)
+        fn = flex_attention
+        if query.is_cuda:
+            fn = _compiled_flex()
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, T, hn]
+        out = fn(q, k, v, block_mask=layout.block_mask, scale=self.softmax_scale,
+                 enable_gqa=q.shape[1] != k.shape[1])
+        t, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(t, b, -1)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class TESharedAttention(_SharedAttentionBase):
+    """Transformer Engine THD attention over per-segment gathered keys (see module doc).
+
+    Written against ``transformer_engine.pytorch.DotProductAttention`` (``qkv_format="thd"``,
+    ``attn_mask_type="padding_causal_bottom_right"``, separate ``cu_seqlens_q``/``_kv``).
+    Not run yet: no GPU with Transformer Engine was available.
+    """
+
+    impl = "te"
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None) -> None:
+        super().__init__(config, layer_number, attn_mask_type, attention_type,
+                         attention_dropout, softmax_scale, cp_comm_type, pg_collection)
+        import transformer_engine.pytorch as te
+
+        tp = config.tensor_model_parallel_size
+        head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
+        self.inner = te.DotProductAttention(
+            num_attention_heads=config.num_attention_heads // tp,
+            kv_channels=head_dim,
+            num_gqa_groups=(config.num_query_groups or config.num_attention_heads) // tp,
+            attention_dropout=self.dropout_p,
+            qkv_format="thd",
+            attn_mask_type="padding_causal_bottom_right",
+            layer_number=layer_number,
+            softmax_scale=self.softmax_scale,
+        )
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """``query [T, 1, np, hn]``, ``key``/``value [T, 1, ng, hn]`` -> ``[T, 1, np*hn]``."""
+        layout = self._layout(attention_mask)
+        q = query.squeeze(1)
+        k = key.squeeze(1).index_select(0, layout.te_kv_index)
+        v = value.squeeze(1).index_select(0, layout.te_kv_index)
+        out = self.inner(
+            q, k, v,
+            qkv_format="thd",
+            attn_mask_type="padding_causal_bottom_right",
+            cu_seqlens_q=layout.te_cu_q,
+            cu_seqlens_kv=layout.te_cu_kv,
+            max_seqlen_q=layout.te_max_q,
+            max_seqlen_kv=layout.te_max_kv,
+        )
+        return out.reshape(query.shape[0], 1, -1)
+
+
+_CLASSES = {"mask": MaskSharedAttention, "flex": FlexSharedAttention, "te": TESharedAttention}
+
+
+def core_attention_class(impl: str) -> type:
+    """The core-attention class of ``impl`` (mask | flex | te) for a layer spec."""
+    if impl not in _CLASSES:
+        raise ValueError(f"prefix-sharing attention {impl!r}: use one of {IMPLEMENTATIONS}")
+    return _CLASSES[impl]
