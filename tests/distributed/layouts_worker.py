@@ -9,7 +9,9 @@ by the sharding each parameter declares, runs megatron-core's forward_backward_f
 our forward_step on micro-batches of unequal numbers of pairs, and compares the loss and
 every parameter's gradient. Then the step-0 invariant: with an online reference pass on
 the same chunks, ``dpo`` and ratio-space ``adadpo`` give log 2 and zero rewards.
-Models: "llama" and "gpt" are small GPTModels (local layer spec); "tokenwise" is an
+Format "shared": prefix-shared packs (the rejected segment reuses the chosen one's prompt)
+through the prefix-sharing core attention; the reference is still each sequence alone,
+i.e. the unshared run. Models: "llama" and "gpt" are small GPTModels (local layer spec); "tokenwise" is an
 attention-free stand-in for the CP cases (megatron-core's local attention refuses CP).
 
 Rank 0 prints one line ``RESULT {json}`` per case; the process exits non-zero on error.
@@ -17,6 +19,7 @@ Rank 0 prints one line ``RESULT {json}`` per case; the process exits non-zero on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -109,6 +112,45 @@ def packed_microbatch(pairs, seg_multiple=2, pad_to=None) -> dict:
         [0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32
     )
     batch["max_seqlen"] = max(lens)
+    batch["pair_index"] = torch.tensor([p["pair_index"] for p in pairs for _ in range(2)])
+    batch["is_chosen"] = torch.tensor([True, False] * len(pairs))
+    batch["ref_logps"] = torch.cat([p["ref"] for p in pairs])
+    return batch
+
+
+def shared_microbatch(pairs, seg_multiple=2, pad_to=None) -> dict:
+    """One prefix-shared THD micro-batch (adadpo-pack --prefix-sharing layout).
+
+    Per pair: the chosen sequence, then the rejected one without its first ``s`` tokens
+    (``s`` = the shared prefix, data.prefix_layout.shared_prefix_len), positions from ``s``;
+    ``shared_prefix_len [S]`` says what each rejected segment also attends to.
+    """
+    from adadpo_megatron.data.prefix_layout import shared_prefix_len
+
+    skips = []
+    for p in pairs:
+        c, r = p["seqs"]
+        skips += [0, shared_prefix_len(c.numpy(), r.numpy(), p["prompt_len"], p["prompt_len"])]
+    segments = [(p, s) for p in pairs for s in p["seqs"]]
+    lens = [-(-(len(s) - k) // seg_multiple) * seg_multiple
+            for (_, s), k in zip(segments, skips, strict=True)]
+    if pad_to is not None:
+        assert sum(lens) <= pad_to, (sum(lens), pad_to)
+        lens[-1] += pad_to - sum(lens)
+    cols = {k: [] for k in ("tokens", "position_ids", "labels", "loss_mask")}
+    for (p, s), length, k in zip(segments, lens, skips, strict=True):
+        labels, mask = _targets(s, p["prompt_len"], length + k)
+        tok = torch.zeros(length + k, dtype=torch.long)
+        tok[: len(s)] = s
+        pos = torch.arange(length + k)
+        for key, v in zip(cols, (tok, pos, labels, mask), strict=True):
+            cols[key].append(v[k:])
+    batch = {k: torch.cat(v) for k, v in cols.items()}
+    batch["cu_seqlens"] = torch.tensor(
+        [0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32
+    )
+    batch["max_seqlen"] = max(lens)
+    batch["shared_prefix_len"] = torch.tensor(skips)
     batch["pair_index"] = torch.tensor([p["pair_index"] for p in pairs for _ in range(2)])
     batch["is_chosen"] = torch.tensor([True, False] * len(pairs))
     batch["ref_logps"] = torch.cat([p["ref"] for p in pairs])
@@ -272,6 +314,8 @@ def _microbatches(case, pairs, dp_rank, dp_size):
         if case["fmt"] == "packed":
             seg_multiple = 2 * case.get("cp", 1)
             mbs.append(packed_microbatch(group, seg_multiple, pad_to=case.get("pad_to")))
+        elif case["fmt"] == "shared":
+            mbs.append(shared_microbatch(group, 2, pad_to=case.get("pad_to")))
         else:
             mbs.append(padded_microbatch(group))
     assert start == len(pairs), "the micro-batches must cover the global batch"
@@ -322,6 +366,10 @@ def build_layout(case) -> list:
         return [DistributedDataParallel(module.config, ddp_config, module)]
     config = build_transformer_config(**MODELS[case["model"]], **layout, **options)
     config.finalize_model_grads_func = finalize_model_grads
+    if case["fmt"] == "shared":  # what the trainer does for a --prefix-sharing dataset
+        config.adadpo_gpt_options = dataclasses.replace(
+            config.adadpo_gpt_options, prefix_attention="mask"
+        )
     return build_model_chunks(config, VOCAB, MAX_LEN, wrap_ddp=True)
 
 

@@ -10,6 +10,11 @@ packed (THD, block-diagonal mask) and padded ([B, S]) micro-batches. Then the st
 invariant: an online reference pass through the same chunks makes policy == reference,
 and ``dpo`` / ratio-space ``adadpo`` must give log 2 with zero rewards.
 
+Prefix sharing ("shared" cases): the same comparison with prefix-shared packs through the
+prefix-sharing core attention (mask implementation), so per-pair log-probs, the loss and
+every gradient equal the unshared single-process run's; the online reference pass (step 0)
+uses the shared layout too.
+
 Context parallelism: megatron-core's local attention refuses CP > 1 (CP attention needs
 Transformer Engine on a GPU), so the CP cases use an attention-free stand-in with
 GPTModel's interface ("tokenwise": per-token logits from the token and its position).
@@ -75,6 +80,11 @@ TWO_RANKS = [
     dict(name="vpp-padded", model="gpt", fmt="padded", pp=2, vpp=2, mb_pairs=[5, 5]),
     # CP: tokens split over 2 ranks (THD path), attention-free stand-in model (see above).
     dict(name="cp2-tokenwise", model="tokenwise", fmt="packed", cp=2, mb_pairs=[3, 1, 2, 4]),
+    # Prefix sharing (adadpo-pack --prefix-sharing): RoPE (llama) and learned positions
+    # (gpt); a pair alone in a micro-batch and pairs at the end of a long pack.
+    dict(name="tp2-shared", model="llama", fmt="shared", tp=2, mb_pairs=[1, 9]),
+    dict(name="pp2-shared", model="gpt", fmt="shared", pp=2, mb_pairs=[3, 1, 6], pad_to=96),
+    dict(name="dp2-shared", model="llama", fmt="shared", mb_pairs=[1, 3, 6]),
     dict(
         name="cp2-tokenwise-per-token",
         model="tokenwise",
@@ -106,6 +116,9 @@ FOUR_RANKS = [
     ),
     dict(name="tp2dp2-packed", model="llama", fmt="packed", tp=2, mb_pairs=[3, 1, 2, 2, 2]),
     dict(name="cp2dp2-tokenwise", model="tokenwise", fmt="packed", cp=2, mb_pairs=[3, 1, 2, 2, 2]),
+    dict(name="tp2pp2-shared", model="llama", fmt="shared", tp=2, pp=2, mb_pairs=[1, 3, 6],
+         pad_to=96),
+    dict(name="tp2dp2-shared", model="gpt", fmt="shared", tp=2, mb_pairs=[4, 1, 3, 2]),
 ]
 
 
