@@ -21,7 +21,7 @@ import torch
 from adadpo_megatron.trainer.config import ConfigError, TrainConfig
 from adadpo_megatron.trainer.loop import Run, TrainingStopped, train
 
-__all__ = ["build_run", "init_distributed", "main"]
+__all__ = ["build_run", "init_distributed", "main", "prefix_attention_for"]
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -62,7 +62,8 @@ def init_distributed(cfg: TrainConfig) -> None:
         model_parallel_cuda_manual_seed(seed)
 
 
-def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool) -> object:
+def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool,
+                        prefix_attention: str | None = None) -> object:
     from megatron.core.distributed import finalize_model_grads
 
     from adadpo_megatron.step.model import build_transformer_config
@@ -86,7 +87,27 @@ def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool) 
         init_method_std=m.init_method_std, **fp8_kwargs)
     if not reference:
         config.finalize_model_grads_func = finalize_model_grads
+    if prefix_attention is not None:
+        import dataclasses
+
+        config.adadpo_gpt_options = dataclasses.replace(
+            config.adadpo_gpt_options, prefix_attention=prefix_attention)
     return config
+
+
+def prefix_attention_for(cfg: TrainConfig, *datasets) -> str | None:
+    """The prefix-sharing attention the model needs: None unless a dataset is prefix-shared.
+
+    ``mask`` on the CPU, ``te`` (TE THD) when Transformer Engine is usable, ``flex``
+    (FlexAttention) on a GPU without it. See ``adadpo_megatron/step/attention.py``.
+    """
+    if not any(ds is not None and ds.prefix_shared for ds in datasets):
+        return None
+    if cfg.parallel.device == "cpu":
+        return "mask"
+    from adadpo_megatron.step.model import transformer_engine_usable
+
+    return "te" if transformer_engine_usable() else "flex"
 
 
 def _open_data(cfg: TrainConfig, path: str, flag: str):
@@ -104,6 +125,10 @@ def _open_data(cfg: TrainConfig, path: str, flag: str):
                                pad_to=pad_to)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{flag} {path}: {e}") from e
+    if ds.prefix_shared and p.context_parallel_size > 1:
+        raise ConfigError(f"{flag} {path} is prefix-shared (adadpo-pack --prefix-sharing), which "
+                          f"context parallelism does not support: --context-parallel-size "
+                          f"{p.context_parallel_size} -> 1, or re-pack without --prefix-sharing")
     longest = int(ds.pack_lengths.max()) if len(ds) else 0
     if longest > cfg.model.seq_length:
         raise ConfigError(f"{flag} {path}: packs up to {longest} tokens (after padding) exceed "
@@ -147,7 +172,9 @@ def build_run(cfg: TrainConfig) -> Run:
                  if cfg.io.eval_data_path else None)
     vocab = _vocab_size(cfg, train_data)
     max_pos = cfg.model.max_position_embeddings
-    config = _transformer_config(cfg, transformer_config_kwargs(cfg.fp8), reference=False)
+    attention = prefix_attention_for(cfg, train_data, eval_data)
+    config = _transformer_config(cfg, transformer_config_kwargs(cfg.fp8), reference=False,
+                                 prefix_attention=attention)
     model = build_model_chunks(config, vocab, max_pos, wrap_ddp=True, ddp_config=ddp_config(cfg))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
@@ -171,7 +198,8 @@ def build_run(cfg: TrainConfig) -> Run:
               step_context=step_context)
 
     if cfg.reference.mode == "online":
-        ref_config = _transformer_config(cfg, reference_config_kwargs(cfg.fp8), reference=True)
+        ref_config = _transformer_config(cfg, reference_config_kwargs(cfg.fp8), reference=True,
+                                         prefix_attention=attention)
         run.reference = build_online_reference(
             lambda: build_model_chunks(ref_config, vocab, max_pos, wrap_ddp=False),
             model, cfg.reference.ref_load)

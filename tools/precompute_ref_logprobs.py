@@ -99,7 +99,12 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
     from adadpo_megatron.step.fp8 import reference_config_kwargs
     from adadpo_megatron.step.model import build_model_chunks
     from adadpo_megatron.step.reference import default_sidecar_path, write_sidecar
-    from adadpo_megatron.train import _open_data, _transformer_config, _vocab_size
+    from adadpo_megatron.train import (
+        _open_data,
+        _transformer_config,
+        _vocab_size,
+        prefix_attention_for,
+    )
     from adadpo_megatron.trainer.checkpointing import load_model_weights
     from adadpo_megatron.trainer.loop import _is_logging_rank
 
@@ -108,7 +113,10 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
     if cfg.io.eval_data_path:
         targets.append((_open_data(cfg, cfg.io.eval_data_path, "--eval-data-path"),
                         default_sidecar_path(cfg.io.eval_data_path)))
-    config = _transformer_config(cfg, reference_config_kwargs(cfg.fp8), reference=True)
+    # A prefix-shared dataset runs through the same layout and attention as training.
+    config = _transformer_config(cfg, reference_config_kwargs(cfg.fp8), reference=True,
+                                 prefix_attention=prefix_attention_for(
+                                     cfg, *(ds for ds, _ in targets)))
     chunks = build_model_chunks(config, _vocab_size(cfg, train_ds),
                                 cfg.model.max_position_embeddings, wrap_ddp=False)
     iteration = load_model_weights(source, chunks) if source else None

@@ -60,6 +60,9 @@ def results(tmp_path_factory) -> dict:
                       "--pack-size", "128", "--strict"]) in (0, None)
     ds = PackedPairDataset(data)
     assert (len(ds), ds.num_pairs) == (36, 36), "the fixture needs 36 one-pair packs"
+    # The same lines in the prefix-shared layout (several pairs per pack).
+    assert pack_main([str(jsonl), "--output", f"{data}_shared", "--tokenizer", str(TOKENIZER),
+                      "--pack-size", "128", "--prefix-sharing", "--strict"]) in (0, None)
 
     run_torchrun(2, REPO / "tests" / "distributed" / "train_worker.py", str(data), str(work),
                  timeout=600)
@@ -132,3 +135,14 @@ def test_mismatched_or_corrupt_checkpoints_are_refused(results):
     assert "model.hidden_size: checkpoint 32 vs now 64" in msgs["shape"]
     assert "loss.beta: checkpoint 0.5 vs now 0.1" in msgs["loss"]
     assert "cannot read the checkpoint" in msgs["corrupt"]
+
+
+def test_prefix_shared_dataset_reference_training_and_cp_refusal(results):
+    # Precomputed reference sums (TP=2, micro-batches of 2 packs) equal the unshared
+    # dataset's: the tool builds the model with the prefix-sharing attention from meta.json.
+    assert results["shared_attention"] == "mask"
+    assert results["shared_ref_rel_err"] <= RESHARD, results["shared_ref_rel_err"]
+    losses = results["shared_losses"]
+    assert list(losses) == ["1", "2", "3"]
+    assert abs(losses["1"] - 0.6931471805599453) < 1e-6  # online reference, shared layout
+    assert "--context-parallel-size 2 -> 1" in results["shared_cp_refusal"]

@@ -115,6 +115,40 @@ def case_precomputed(data: str, work: str, out: dict) -> None:
     out["precomputed"] = losses(rec)
 
 
+def case_prefix_sharing(data: str, work: str, out: dict) -> None:
+    """DATA_shared (the same lines packed with --prefix-sharing): precomputed reference sums
+    equal the unshared dataset's, online-reference training starts at log 2, CP refused."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    from precompute_ref_logprobs import precompute
+
+    from adadpo_megatron.trainer.config import ConfigError
+
+    shared = data + "_shared"
+    sums = {}
+    for name, path in (("plain", data), ("shared", shared)):
+        cfg = parse_config(base_args(path) + ["--tensor-model-parallel-size", "2",
+                                              "--train-iters", "3", "--micro-batch-size", "2"])
+        init_distributed(cfg)
+        sidecar = os.path.join(work, f"ref_{name}.npz")
+        precompute(cfg, None, sidecar)
+        with np.load(sidecar) as z:
+            sums[name] = z["seq_logps"].astype(np.float64)
+    out["shared_ref_rel_err"] = float(
+        np.abs(sums["shared"] - sums["plain"]).max() / np.abs(sums["plain"]).max())
+    run, rec = start(base_args(shared) + ["--tensor-model-parallel-size", "2",
+                                          "--train-iters", "3"])
+    out["shared_attention"] = run.model[0].module.config.adadpo_gpt_options.prefix_attention
+    finish(run)
+    out["shared_losses"] = losses(rec)
+    try:
+        start(base_args(shared) + ["--context-parallel-size", "2", "--train-iters", "1"])
+        out["shared_cp_refusal"] = None
+    except ConfigError as e:
+        out["shared_cp_refusal"] = str(e)
+
+
 def case_dp_coverage(data: str, work: str, out: dict) -> None:
     # DP=2: 3 steps of 12 packs = one epoch of the 36-pack dataset.
     run, rec = start(base_args(data) + ["--global-batch-size", "12", "--train-iters", "3"])
@@ -172,7 +206,8 @@ def case_nan_skip(data: str, work: str, out: dict) -> None:
 def main() -> None:
     data, work = sys.argv[1], sys.argv[2]
     cases = sys.argv[3].split(",") if len(sys.argv) > 3 else [
-        "train_and_resume", "refusals", "precomputed", "dp_coverage", "nan_skip"]
+        "train_and_resume", "refusals", "precomputed", "dp_coverage", "nan_skip",
+        "prefix_sharing"]
     out: dict = {}
     from adadpo_megatron.step.cpu import init_distributed_cpu
 
