@@ -72,6 +72,7 @@ from adadpo_megatron.data.packed_format import (
 from adadpo_megatron.data.prefix_layout import (
     LAYOUT_PREFIX_SHARED,
     SHARED_PREFIX_ARRAY,
+    build_pack,
     layout_kind,
     segment_skips,
 )
@@ -307,37 +308,14 @@ class PackedPairDataset(torch.utils.data.Dataset):
         """Pack ``i`` as a THD micro-batch dict (see the module docstring)."""
         pairs = self.pairs_in_pack(i)
         docs = np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
-        lens, skips = self._seg_lengths[docs], self._skip[docs]
-        m = self.segment_multiple
-        seg = -(-lens // m) * m
-        seg[-1] += int(self.pack_lengths[i % len(self)]) - int(seg.sum())
-        cu = np.concatenate([[0], np.cumsum(seg)])
-        total = int(cu[-1])
-        tokens = np.zeros(total, dtype=np.int64)
-        labels = np.zeros(total, dtype=np.int64)
-        loss_mask = np.zeros(total, dtype=np.float32)
-        for k, doc in enumerate(docs.tolist()):
-            s, n, skip = int(cu[k]), int(lens[k]), int(skips[k])
-            seq = self._sequence(doc)[skip:]
-            tokens[s : s + n] = seq
-            labels[s : s + n - 1] = seq[1:]
-            # Position t is scored when its label t+1 lies in the completion: t >= prompt_len-1
-            # (t counted in the stored sequence, whose first `skip` tokens the layout drops).
-            loss_mask[s + max(int(self._prompt_len[doc]) - 1 - skip, 0) : s + n - 1] = 1.0
-        position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1] - skips, seg)
-        out = {
-            "tokens": torch.from_numpy(tokens),
-            "position_ids": torch.from_numpy(position_ids),
-            "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(loss_mask),
-            "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
-            "max_seqlen": int(seg.max()),
-            "pair_index": torch.from_numpy(np.repeat(pairs, 2).astype(np.int64)),
-            "is_chosen": torch.from_numpy(np.tile(np.array([True, False]), len(pairs))),
-        }
-        if self.prefix_shared:
-            out["shared_prefix_len"] = torch.from_numpy(skips.astype(np.int64))
-        return out
+        return build_pack(
+            [self._sequence(doc) for doc in docs.tolist()],
+            self._prompt_len[docs],
+            pairs,
+            skips=self._skip[docs] if self.prefix_shared else None,
+            segment_multiple=self.segment_multiple,
+            total=int(self.pack_lengths[i % len(self)]),
+        )
 
     def pair(self, j: int) -> dict[str, Any]:
         """Pair ``j``: ``prompt``, ``chosen``, ``rejected`` token-id lists and ``source_line``.

@@ -22,11 +22,14 @@ both layouts (full chosen and rejected sequences); only the reader's cut differs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
+    "build_pack",
     "LAYOUT_PREFIX_SHARED",
     "LAYOUT_SEPARATE",
     "SHARED_PREFIX_ARRAY",
@@ -129,3 +132,68 @@ def limit_pairs_per_pack(plan: Any, max_pairs: int, footprints: np.ndarray) -> A
         capacity=plan.capacity,
         align=plan.align,
     )
+
+
+def build_pack(
+    sequences: Sequence[np.ndarray],
+    prompt_lens: Sequence[int] | np.ndarray,
+    pair_ids: Sequence[int] | np.ndarray,
+    *,
+    skips: Sequence[int] | np.ndarray | None = None,
+    segment_multiple: int = 1,
+    total: int | None = None,
+) -> dict[str, Any]:
+    """One pack as a THD micro-batch dict (``PackedPairDataset`` documents the fields).
+
+    Args:
+        sequences: ``2n`` int token arrays, pair ``k``'s chosen at ``2k``, rejected at
+            ``2k+1``, each the full stored sequence (BOS, prompt, completion, EOS).
+        prompt_lens: ``[2n]`` leading unscored tokens of each sequence.
+        pair_ids: ``[n]`` dataset-wide pair ids.
+        skips: ``[2n]`` tokens each sequence drops at its start (:func:`segment_skips`:
+            the shared prefix on rejected sequences); None: the separate layout, and no
+            ``shared_prefix_len`` in the result.
+        segment_multiple: pad each segment to a multiple of this.
+        total: pad the pack to exactly this length (the extra goes into the last segment);
+            None: no extra padding.
+
+    Returns:
+        ``tokens``/``position_ids``/``labels`` int64 ``[T]``, ``loss_mask`` float32 ``[T]``,
+        ``cu_seqlens`` int32 ``[2n+1]``, ``max_seqlen`` int, ``pair_index`` int64 ``[2n]``,
+        ``is_chosen`` bool ``[2n]`` and, with ``skips``, ``shared_prefix_len`` int64 ``[2n]``.
+    """
+    shared = skips is not None
+    skip = np.zeros(len(sequences), np.int64) if skips is None else np.asarray(skips, np.int64)
+    lens = np.array([len(x) for x in sequences], dtype=np.int64) - skip
+    m = int(segment_multiple)
+    seg = -(-lens // m) * m
+    if total is not None:
+        seg[-1] += int(total) - int(seg.sum())
+    cu = np.concatenate([[0], np.cumsum(seg)])
+    size = int(cu[-1])
+    tokens = np.zeros(size, dtype=np.int64)
+    labels = np.zeros(size, dtype=np.int64)
+    loss_mask = np.zeros(size, dtype=np.float32)
+    for k, full in enumerate(sequences):
+        s, n, cut = int(cu[k]), int(lens[k]), int(skip[k])
+        seq = np.asarray(full, dtype=np.int64)[cut:]
+        tokens[s : s + n] = seq
+        labels[s : s + n - 1] = seq[1:]
+        # Position t is scored when its label t+1 lies in the completion: t >= prompt_len-1
+        # (t counted in the stored sequence, whose first `cut` tokens the layout drops).
+        loss_mask[s + max(int(prompt_lens[k]) - 1 - cut, 0) : s + n - 1] = 1.0
+    position_ids = np.arange(size, dtype=np.int64) - np.repeat(cu[:-1] - skip, seg)
+    pairs = np.asarray(pair_ids, dtype=np.int64)
+    out = {
+        "tokens": torch.from_numpy(tokens),
+        "position_ids": torch.from_numpy(position_ids),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(loss_mask),
+        "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
+        "max_seqlen": int(seg.max()),
+        "pair_index": torch.from_numpy(np.repeat(pairs, 2)),
+        "is_chosen": torch.from_numpy(np.tile(np.array([True, False]), len(pairs))),
+    }
+    if shared:
+        out["shared_prefix_len"] = torch.from_numpy(skip.copy())
+    return out
