@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from adadpo_megatron.planner.estimate import GIB, PRESETS, Layout, ModelShape, plan
+from adadpo_megatron.planner.pairs import pair_costs
 
 # Trainer flag dest -> ModelShape field (how it is read from the namespace).
 _SHAPE_DESTS = {
@@ -48,6 +49,12 @@ def _add_planner_args(parser: argparse.ArgumentParser) -> None:
                    help="memory of one GPU (H100 80GB: 80)")
     g.add_argument("--segment-length", type=int, default=None,
                    help="mean tokens per sequence for attention FLOPs (default --seq-length/2)")
+    g.add_argument("--pair-lengths", type=int, nargs=3, metavar=("P", "C", "R"), default=None,
+                   help="mean prompt, chosen and rejected tokens of a pair: report tokens and "
+                   "FLOPs per pair, separate vs prefix-shared layout")
+    g.add_argument("--prefix-sharing", action="store_true",
+                   help="the data is packed with adadpo-pack --prefix-sharing (pairs per step "
+                   "from the shared layout's tokens per pair)")
     g.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
 
@@ -136,6 +143,13 @@ def plan_from_argv(argv: Sequence[str]) -> dict[str, Any]:
     result = plan(shape, layout, gpu_memory_gib=args.gpu_memory_gib,
                   segment_length=args.segment_length)
     result["model"] = dataclasses.asdict(shape)
+    if args.pair_lengths is not None:
+        per_pair = pair_costs(shape, *args.pair_lengths, tp=layout.tp)
+        per_pair["layout"] = "shared" if args.prefix_sharing else "separate"
+        result["per_pair"] = per_pair
+        if "tokens_per_step" in result:
+            result["pairs_per_step"] = (
+                result["tokens_per_step"] / per_pair[per_pair["layout"]]["tokens"])
     return result
 
 
@@ -165,6 +179,14 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"FLOPs per step: {r['flops_per_step']:.3e} model, "
                  f"{r['hardware_flops_per_step']:.3e} with recompute/reference "
                  f"({r['tokens_per_step']} tokens)")
+    if "per_pair" in r:
+        pp_ = r["per_pair"]
+        lines.append(
+            f"per pair: separate {pp_['separate']['tokens']} tokens "
+            f"{pp_['separate']['forward_flops']:.3e} fwd FLOPs; prefix-shared "
+            f"{pp_['shared']['tokens']} tokens {pp_['shared']['forward_flops']:.3e} fwd FLOPs "
+            f"({pp_['token_ratio']:.2f}x fewer tokens, {pp_['flops_ratio']:.2f}x fewer FLOPs); "
+            f"{pp_['layout']} layout: ~{r.get('pairs_per_step', 0):.0f} pairs per step")
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     lines.append(f"{verdict} in {r['gpu_memory_gib']:.0f} GiB "
                  f"(usable {r['usable_gib']:.0f} GiB after 10% headroom)")
