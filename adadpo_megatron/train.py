@@ -103,11 +103,9 @@ def prefix_attention_for(cfg: TrainConfig, *datasets) -> str | None:
     """
     if not any(ds is not None and ds.prefix_shared for ds in datasets):
         return None
-    if cfg.parallel.device == "cpu":
-        return "mask"
-    from adadpo_megatron.step.model import transformer_engine_usable
+    from adadpo_megatron.step.attention import choose_implementation
 
-    return "te" if transformer_engine_usable() else "flex"
+    return choose_implementation(cfg.parallel.device != "cpu")
 
 
 def _open_data(cfg: TrainConfig, path: str, flag: str):

@@ -75,7 +75,33 @@ def gpt_options_from_args(args: argparse.Namespace):
         rotary_base=int(getattr(args, "rotary_base", 10000)),
         rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
         untie_embeddings=bool(args.untie_embeddings_and_output_weights),
+        prefix_attention=_prefix_attention(args),
     )
+
+
+def _prefix_attention(args: argparse.Namespace) -> str | None:
+    """The prefix-sharing attention a ``--prefix-sharing`` dataset needs (None otherwise)."""
+    import json
+    import os
+
+    import torch
+
+    from adadpo_megatron.data.prefix_layout import LAYOUT_PREFIX_SHARED, layout_kind
+    from adadpo_megatron.step.attention import choose_implementation
+
+    if getattr(args, "data_path", None) is None:
+        return None
+    meta_path = os.path.join(_data_path(args), "meta.json")
+    if not os.path.isfile(meta_path):
+        return None  # open_packed_dataset reports the missing dataset
+    with open(meta_path, encoding="utf-8") as f:
+        if layout_kind(json.load(f), meta_path) != LAYOUT_PREFIX_SHARED:
+            return None
+    if args.context_parallel_size > 1:
+        raise ValueError(f"--data-path {_data_path(args)} is prefix-shared (adadpo-pack "
+                         "--prefix-sharing), which context parallelism does not support: "
+                         "--context-parallel-size 1, or re-pack without --prefix-sharing")
+    return choose_implementation(torch.cuda.is_available())
 
 
 def _data_path(args: argparse.Namespace) -> str:

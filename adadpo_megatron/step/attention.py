@@ -45,6 +45,7 @@ __all__ = [
     "SharedLayout",
     "TESharedAttention",
     "build_shared_layout",
+    "choose_implementation",
     "core_attention_class",
     "token_pair_branch",
 ]
@@ -330,3 +331,13 @@ def core_attention_class(impl: str) -> type:
     if impl not in _CLASSES:
         raise ValueError(f"prefix-sharing attention {impl!r}: use one of {IMPLEMENTATIONS}")
     return _CLASSES[impl]
+
+
+def choose_implementation(on_cuda: bool) -> str:
+    """Default implementation: ``mask`` off CUDA, ``te`` with a usable Transformer Engine,
+    ``flex`` on a GPU without it."""
+    if not on_cuda:
+        return "mask"
+    from adadpo_megatron.step.model import transformer_engine_usable
+
+    return "te" if transformer_engine_usable() else "flex"

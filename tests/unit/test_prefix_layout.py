@@ -182,3 +182,24 @@ def test_bad_flag_and_corrupt_layout(tmp_path, tokenizer, capsys):
     np.savez(out / "index.npz", **arrays)
     with pytest.raises(PackedDatasetError, match="pair_shared_prefix_len missing"):
         PackedPairDataset(out)
+
+
+def test_megatron_lm_entry_reads_the_layout(tmp_path, tokenizer):
+    import argparse
+
+    from adadpo_megatron.integrations.megatron_lm import gpt_options_from_args
+
+    rows = random_rows(4, seed=6)
+    shared = pack(tmp_path, rows, tokenizer, "--pack-size", "64", "--prefix-sharing",
+                  name="shared")
+    plain = pack(tmp_path, rows, tokenizer, "--pack-size", "64", name="plain")
+
+    def args(path, cp=1):
+        return argparse.Namespace(
+            data_path=[str(path)], context_parallel_size=cp, position_embedding_type="rope",
+            untie_embeddings_and_output_weights=True)
+
+    assert gpt_options_from_args(args(shared)).prefix_attention == "mask"
+    assert gpt_options_from_args(args(plain)).prefix_attention is None
+    with pytest.raises(ValueError, match="--context-parallel-size 1"):
+        gpt_options_from_args(args(shared, cp=2))
