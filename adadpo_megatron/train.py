@@ -99,13 +99,21 @@ def prefix_attention_for(cfg: TrainConfig, *datasets) -> str | None:
     """The prefix-sharing attention the model needs: None unless a dataset is prefix-shared.
 
     ``mask`` on the CPU, ``te`` (TE THD) when Transformer Engine is usable, ``flex``
-    (FlexAttention) on a GPU without it. See ``adadpo_megatron/step/attention.py``.
+    (FlexAttention) on a GPU without it, unless --prefix-attention names one. See
+    ``adadpo_megatron/step/attention.py``.
     """
     if not any(ds is not None and ds.prefix_shared for ds in datasets):
         return None
     from adadpo_megatron.step.attention import choose_implementation
+    from adadpo_megatron.step.model import transformer_engine_usable
 
-    return choose_implementation(cfg.parallel.device != "cpu")
+    choice = cfg.parallel.prefix_attention
+    if choice == "auto":
+        return choose_implementation(cfg.parallel.device != "cpu")
+    if choice == "te" and not transformer_engine_usable():
+        raise ConfigError("--prefix-attention te needs a usable Transformer Engine on a GPU; "
+                          "use flex (FlexAttention) or auto")
+    return choice
 
 
 def _open_data(cfg: TrainConfig, path: str, flag: str):

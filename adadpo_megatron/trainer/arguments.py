@@ -139,6 +139,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available (gloo backend and CPU layers on cpu)")
+    g.add_argument("--prefix-attention", choices=["auto", "mask", "flex", "te"], default="auto",
+                   help="attention for prefix-shared data (adadpo-pack --prefix-sharing); auto: "
+                   "mask on cpu, te with Transformer Engine, flex on a GPU without it")
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:

@@ -93,6 +93,9 @@ class ParallelArgs:
     """Processes in the job (torchrun's WORLD_SIZE)."""
     data_parallel_size: int
     """DP = world / (TP * PP * CP)."""
+    prefix_attention: str = "auto"
+    """--prefix-attention: core attention for prefix-shared data (auto, mask, flex, te);
+    takes effect only when --data-path is prefix-shared (train.prefix_attention_for)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,7 +316,16 @@ def _parallel_args(a: argparse.Namespace, world_size: int) -> ParallelArgs:
         virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
         sequence_parallel=a.sequence_parallel,
         use_distributed_optimizer=a.use_distributed_optimizer, device=device,
-        world_size=world_size, data_parallel_size=world_size // model_parallel)
+        world_size=world_size, data_parallel_size=world_size // model_parallel,
+        prefix_attention=_prefix_attention_arg(a, device))
+
+
+def _prefix_attention_arg(a: argparse.Namespace, device: str) -> str:
+    choice = getattr(a, "prefix_attention", "auto")
+    _require(device != "cpu" or choice in ("auto", "mask"),
+             f"--prefix-attention {choice} needs a GPU (FlexAttention has no CPU backward in "
+             "PyTorch; te needs Transformer Engine): use mask or auto on the CPU")
+    return choice
 
 
 def _training_args(a: argparse.Namespace, par: ParallelArgs) -> TrainingArgs:

@@ -203,3 +203,23 @@ def test_megatron_lm_entry_reads_the_layout(tmp_path, tokenizer):
     assert gpt_options_from_args(args(plain)).prefix_attention is None
     with pytest.raises(ValueError, match="--context-parallel-size 1"):
         gpt_options_from_args(args(shared, cp=2))
+
+
+def test_prefix_attention_flag(tmp_path, tokenizer):
+    import types
+
+    from adadpo_megatron.train import prefix_attention_for
+    from adadpo_megatron.trainer.arguments import parse_config
+    from adadpo_megatron.trainer.config import ConfigError
+
+    base = ["--data-path", "/d", "--train-iters", "1", "--device", "cpu"]
+    with pytest.raises(ConfigError, match="--prefix-attention flex needs a GPU"):
+        parse_config([*base, "--prefix-attention", "flex"], world_size=1)
+    cfg = parse_config(base, world_size=1)
+    assert cfg.parallel.prefix_attention == "auto"
+    shared, plain = types.SimpleNamespace(prefix_shared=True), types.SimpleNamespace(
+        prefix_shared=False)
+    assert prefix_attention_for(cfg, plain, None) is None
+    assert prefix_attention_for(cfg, plain, shared) == "mask"  # eval data shared: needed too
+    mask = parse_config([*base, "--prefix-attention", "mask"], world_size=1)
+    assert prefix_attention_for(mask, shared) == "mask"
