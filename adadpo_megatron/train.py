@@ -109,10 +109,15 @@ def prefix_attention_for(cfg: TrainConfig, *datasets) -> str | None:
 
     choice = cfg.parallel.prefix_attention
     if choice == "auto":
-        return choose_implementation(cfg.parallel.device != "cpu")
-    if choice == "te" and not transformer_engine_usable():
+        choice = choose_implementation(cfg.parallel.device != "cpu")
+    elif choice == "te" and not transformer_engine_usable():
         raise ConfigError("--prefix-attention te needs a usable Transformer Engine on a GPU; "
                           "use flex (FlexAttention) or auto")
+    if choice != "mask" and cfg.training.recompute_granularity is not None:
+        raise ConfigError(f"--recompute-granularity {cfg.training.recompute_granularity} with "
+                          f"prefix-shared data and {choice} attention is not supported "
+                          "(recompute saves the attention mask as a tensor); drop it, or use "
+                          "--prefix-attention mask")
     return choice
 
 

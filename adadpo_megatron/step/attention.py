@@ -11,7 +11,10 @@ rejected tokens before them, never the chosen ones; no pair sees another. Per to
 
 (``s = 0`` everywhere is the ordinary block-diagonal causal layout.) :class:`SharedLayout`
 carries that description through ``GPTModel`` as the ``attention_mask`` argument (megatron
-passes it untouched to the core attention), built once per micro-batch for all layers.
+passes it untouched to the core attention), built once per micro-batch for all layers; the
+mask implementation gets its plain mask tensor instead. Activation recompute saves
+``attention_mask`` with ``save_for_backward`` (tensors only), so ``flex`` and ``te`` refuse
+``--recompute-granularity`` (the trainer checks at start); ``mask`` supports it.
 Only ``core_attention`` of each layer's spec changes, so the linear layers (Transformer
 Engine's and FP8 included) are untouched. Three implementations, one contract:
 
@@ -228,8 +231,9 @@ class MaskSharedAttention(_SharedAttentionBase):
                 attention_bias=None, packed_seq_params=None):
         """``query [sq, b, np, hn]``, ``key``/``value [sk, b, ng, hn]`` -> ``[sq, b, np*hn]``.
 
-        A :class:`SharedLayout` gives its dense mask; a tensor or None (padded batches) is
-        passed through to megatron-core's attention as is.
+        ``attention_mask``: the layout's bool mask ``[1, 1, T, T]`` (what
+        ``prepare_model_inputs`` passes), a :class:`SharedLayout` (its dense mask is used),
+        or None (padded batches: causal); handed to megatron-core's attention.
         """
         mask = attention_mask
         if isinstance(attention_mask, SharedLayout):

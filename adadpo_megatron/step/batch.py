@@ -26,8 +26,9 @@ end of each row with ``loss_mask`` 0; a plain causal mask (megatron-core's defau
 
 **Prefix-shared packs** (``shared_prefix_len [S]`` in the batch, ``adadpo-pack
 --prefix-sharing``) need the prefix-shared core attention (``step/attention.py``, chosen by
-``GPTOptions.prefix_attention``): ``attention_mask`` is then a ``SharedLayout`` built once
-per micro-batch, ``packed_seq_params`` is None, and RoPE follows ``position_ids``
+``GPTOptions.prefix_attention``): ``attention_mask`` is then the layout's mask
+``[1, 1, T, T]`` (``mask``) or a ``SharedLayout`` (``flex``, ``te``) built once per
+micro-batch, ``packed_seq_params`` is None, and RoPE follows ``position_ids``
 (``step/rotary.py``). Context parallelism is refused with sharing.
 
 Under context parallelism (packed format only, TE required), each rank keeps its share
@@ -72,7 +73,8 @@ class ModelInputs:
     position_ids: torch.Tensor
     """int64 [B, S]: positions (restart at 0 in each packed segment)."""
     attention_mask: torch.Tensor | None
-    """bool [1, 1, S, S], True = masked out; None for TE THD and for padded batches."""
+    """bool [1, 1, S, S], True = masked out; None for TE THD and for padded batches; a
+    ``step.attention.SharedLayout`` for prefix-shared packs with flex/te attention."""
     packed_seq_params: Any
     """megatron-core PackedSeqParams (qkv_format='thd') on the TE path, else None."""
     labels: torch.Tensor
@@ -190,9 +192,12 @@ def prepare_model_inputs(
             from adadpo_megatron.step.attention import build_shared_layout
 
             layout = build_shared_layout(cu, shared, device, shared_attention)
+            # The mask implementation takes the plain tensor (activation recompute saves
+            # attention_mask with save_for_backward, which takes tensors only).
+            mask = layout.dense_mask if shared_attention == "mask" else layout
             return ModelInputs(
                 input_ids=tok["tokens"], position_ids=tok["position_ids"],
-                attention_mask=layout, packed_seq_params=None, labels=tok["labels"],
+                attention_mask=mask, packed_seq_params=None, labels=tok["labels"],
                 loss_mask=tok["loss_mask"].float(), cu_seqlens=cu, pair_index=pair_index,
                 is_chosen=is_chosen, ref_logps=ref,
             )

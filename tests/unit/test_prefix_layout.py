@@ -223,3 +223,11 @@ def test_prefix_attention_flag(tmp_path, tokenizer):
     assert prefix_attention_for(cfg, plain, shared) == "mask"  # eval data shared: needed too
     mask = parse_config([*base, "--prefix-attention", "mask"], world_size=1)
     assert prefix_attention_for(mask, shared) == "mask"
+    import dataclasses
+
+    gpu_flex = dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, device="cuda", prefix_attention="flex"),
+        training=dataclasses.replace(cfg.training, recompute_granularity="selective"))
+    with pytest.raises(ConfigError, match="--recompute-granularity selective"):
+        prefix_attention_for(gpu_flex, shared)
+    assert prefix_attention_for(gpu_flex, plain) is None
