@@ -101,7 +101,12 @@ def _prefix_attention(args: argparse.Namespace) -> str | None:
         raise ValueError(f"--data-path {_data_path(args)} is prefix-shared (adadpo-pack "
                          "--prefix-sharing), which context parallelism does not support: "
                          "--context-parallel-size 1, or re-pack without --prefix-sharing")
-    return choose_implementation(torch.cuda.is_available())
+    choice = choose_implementation(torch.cuda.is_available())
+    if choice != "mask" and getattr(args, "recompute_granularity", None) is not None:
+        raise ValueError(f"--recompute-granularity {args.recompute_granularity} with a "
+                         f"prefix-shared --data-path ({choice} attention) is not supported: "
+                         "drop it, or re-pack without --prefix-sharing")
+    return choice
 
 
 def _data_path(args: argparse.Namespace) -> str:
