@@ -13,10 +13,9 @@ attention must stay inside each segment:
 - without it (CPU, or a GPU without TE: megatron-core's local ``DotProductAttention``
   refuses ``PackedSeqParams``), a block-diagonal causal boolean mask ``[1, 1, T, T]``,
   ``True`` = masked out (megatron-core's convention: ``attention_mask_func`` fills
-  ``True`` scores with -10000 before the softmax). RoPE then rotates by the position in
-  the pack instead of the position in the segment; attention scores depend only on
-  relative positions, so per-segment log-probs agree with THD to round-off. Learned
-  absolute position embeddings read ``position_ids``, which restart in each segment.
+  ``True`` scores with -10000 before the softmax). RoPE rotates each token by its
+  ``position_ids`` (``step/rotary.py``; megatron-core alone would use the place in the
+  pack), as learned absolute position embeddings do: positions restart in each segment.
 
 **Padded (BSHD)**: ``tokens``, ``labels``, ``loss_mask`` ``[B, S]`` (optionally
 ``position_ids [B, S]``), one sequence per row, rows alternating chosen/rejected,
