@@ -12,7 +12,7 @@ labels are prompt tokens): ``s = min(lcp(chosen, rejected), prompt_len_c - 1,
 prompt_len_r - 1)``, at least 0. With an ordinary prompt of ``P`` tokens (BOS included)
 ``s = P - 1``: the last prompt token is kept in each branch, since its output predicts
 the first completion token, which differs between the two. A pair then costs
-``P + C + R`` token slots instead of ``2P + C + R`` (C, R: completion lengths incl. EOS).
+``P + C + R + 1`` token slots instead of ``2P + C + R`` (C, R: completion lengths incl. EOS).
 
 Stored on disk: ``meta.json["layout"] = {"kind": "prefix_shared" | "separate",
 "max_pairs_per_pack": N | None}`` and, for the shared kind, ``index.npz`` holds

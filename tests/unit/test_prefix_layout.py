@@ -75,7 +75,7 @@ def test_worked_example(tmp_path, tokenizer):
     assert b["shared_prefix_len"].tolist() == [0, 2]
     meta = json.loads((tmp_path / "packed" / "meta.json").read_text())
     assert meta["layout"] == {"kind": "prefix_shared", "max_pairs_per_pack": None}
-    assert meta["real_tokens"] == 9  # P + C + R = 3 + 2 + 3 (unshared: 11)
+    assert meta["real_tokens"] == 9  # P + C + R + 1 = 3 + 2 + 3 + 1 (unshared 2P + C + R = 11)
 
 
 @pytest.mark.parametrize("segment_multiple", [1, 4])
