@@ -249,3 +249,16 @@ def test_shared_batch_refused_without_the_attention_and_with_cp():
         prepare_model_inputs(batch, device="cpu", use_thd=True, cp_size=2,
                              shared_attention="mask")
     assert math.isfinite(float(batch["loss_mask"].sum()))
+
+
+def test_prefix_attention_keeps_parameters_and_checkpoint_keys(megatron_cpu):
+    # Only the core attention changes: same parameters, same state-dict keys, so a
+    # checkpoint of either model loads into the other (e.g. an SFT checkpoint as reference).
+    plain, shared = _model("rope", None), _model("rope", "mask")
+    assert list(dict(plain.named_parameters())) == list(dict(shared.named_parameters()))
+    assert plain.state_dict().keys() == shared.state_dict().keys()
+    shared.load_state_dict(plain.state_dict())
+    layer = shared.decoder.layers[0].self_attention
+    assert type(layer.core_attention).__name__ == "MaskSharedAttention"
+    assert type(layer.linear_qkv) is type(plain.decoder.layers[0].self_attention.linear_qkv)
+    assert plain.sharded_state_dict().keys() == shared.sharded_state_dict().keys()
