@@ -22,7 +22,8 @@ Engine's and FP8 included) are untouched. Three implementations, one contract:
   the explicit boolean mask ``[1, 1, T, T]``: the reference; CPU and the local spec.
 - ``flex`` (:class:`FlexSharedAttention`): PyTorch FlexAttention with a block mask (the fast
   path on a GPU without TE). On the CPU PyTorch runs it forward only (no backward).
-- ``te`` (:class:`TESharedAttention`): Transformer Engine's THD attention with separate query
+- ``te`` (``TESharedAttention``, a subclass of megatron-core's ``TEDotProductAttention``, so
+  its FP8 state and checkpoint keys are the TE spec's): Transformer Engine's THD attention with separate query
   and key/value ``cu_seqlens``: each rejected segment's keys/values are the shared prefix's
   followed by its own, with bottom-right causal alignment; a chosen segment is an ordinary
   causal sequence. Written against TE's ``DotProductAttention`` API; **not run yet** (no GPU
@@ -46,7 +47,6 @@ __all__ = [
     "FlexSharedAttention",
     "MaskSharedAttention",
     "SharedLayout",
-    "TESharedAttention",
     "build_shared_layout",
     "choose_implementation",
     "core_attention_class",
@@ -199,13 +199,7 @@ class _SharedAttentionBase(torch.nn.Module):
         self.softmax_scale = _softmax_scale(config, softmax_scale, layer_number)
 
     def _layout(self, attention_mask) -> SharedLayout:
-        if not isinstance(attention_mask, SharedLayout) or attention_mask.impl != self.impl:
-            raise ValueError(
-                f"{type(self).__name__} needs a SharedLayout(impl={self.impl!r}) as "
-                f"attention_mask, got {type(attention_mask).__name__}; build the micro-batch "
-                "with prepare_model_inputs(..., shared_attention=...) (adadpo_megatron.step.batch)"
-            )
-        return attention_mask
+        return _check_layout(attention_mask, self.impl, type(self).__name__)
 
 
 class MaskSharedAttention(_SharedAttentionBase):
@@ -278,63 +272,74 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-class TESharedAttention(_SharedAttentionBase):
-    """Transformer Engine THD attention over per-segment gathered keys (see module doc).
+@functools.cache
+def _te_shared_class() -> type:
+    """``TESharedAttention``: megatron-core's ``TEDotProductAttention`` (so its parameters,
+    FP8 extra state and sharded checkpoint keys are the TE spec's), run over per-segment
+    gathered keys with separate ``cu_seqlens`` and bottom-right causal alignment.
 
-    Written against ``transformer_engine.pytorch.DotProductAttention`` (``qkv_format="thd"``,
-    ``attn_mask_type="padding_causal_bottom_right"``, separate ``cu_seqlens_q``/``_kv``).
-    Not run yet: no GPU with Transformer Engine was available.
+    Written against ``transformer_engine.pytorch.DotProductAttention.forward`` (``qkv_format=
+    "thd"``, ``attn_mask_type="padding_causal_bottom_right"``, ``cu_seqlens_q/_kv``,
+    ``max_seqlen_q/_kv``). Not run yet: no GPU with Transformer Engine was available.
     """
+    import transformer_engine.pytorch as te
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-    impl = "te"
+    class TESharedAttention(TEDotProductAttention):
+        impl = "te"
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
-                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
-                 pg_collection=None) -> None:
-        super().__init__(config, layer_number, attn_mask_type, attention_type,
-                         attention_dropout, softmax_scale, cp_comm_type, pg_collection)
-        import transformer_engine.pytorch as te
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
+            if config.context_parallel_size > 1:
+                raise ValueError(
+                    "prefix sharing with --context-parallel-size > 1 is not supported: "
+                    "re-pack without --prefix-sharing, or use CP=1"
+                )
+            super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
 
-        tp = config.tensor_model_parallel_size
-        head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
-        self.inner = te.DotProductAttention(
-            num_attention_heads=config.num_attention_heads // tp,
-            kv_channels=head_dim,
-            num_gqa_groups=(config.num_query_groups or config.num_attention_heads) // tp,
-            attention_dropout=self.dropout_p,
-            qkv_format="thd",
-            attn_mask_type="padding_causal_bottom_right",
-            layer_number=layer_number,
-            softmax_scale=self.softmax_scale,
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None, **kwargs):
+            """``query [T, 1, np, hn]``, ``key``/``value [T, 1, ng, hn]`` -> ``[T, 1, np*hn]``."""
+            layout = _check_layout(attention_mask, "te", type(self).__name__)
+            q = query.squeeze(1)
+            k = key.squeeze(1).index_select(0, layout.te_kv_index)
+            v = value.squeeze(1).index_select(0, layout.te_kv_index)
+            # TE's own forward (megatron's wrapper knows no bottom-right padding mask type).
+            out = te.DotProductAttention.forward(
+                self, q, k, v,
+                qkv_format="thd",
+                attn_mask_type="padding_causal_bottom_right",
+                cu_seqlens_q=layout.te_cu_q,
+                cu_seqlens_kv=layout.te_cu_kv,
+                max_seqlen_q=layout.te_max_q,
+                max_seqlen_kv=layout.te_max_kv,
+            )
+            return out.reshape(query.shape[0], 1, -1)
+
+    return TESharedAttention
+
+
+def _check_layout(attention_mask, impl: str, owner: str) -> SharedLayout:
+    if not isinstance(attention_mask, SharedLayout) or attention_mask.impl != impl:
+        raise ValueError(
+            f"{owner} needs a SharedLayout(impl={impl!r}) as attention_mask, got "
+            f"{type(attention_mask).__name__}; build the micro-batch with "
+            "prepare_model_inputs(..., shared_attention=...) (adadpo_megatron.step.batch)"
         )
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
-        """``query [T, 1, np, hn]``, ``key``/``value [T, 1, ng, hn]`` -> ``[T, 1, np*hn]``."""
-        layout = self._layout(attention_mask)
-        q = query.squeeze(1)
-        k = key.squeeze(1).index_select(0, layout.te_kv_index)
-        v = value.squeeze(1).index_select(0, layout.te_kv_index)
-        out = self.inner(
-            q, k, v,
-            qkv_format="thd",
-            attn_mask_type="padding_causal_bottom_right",
-            cu_seqlens_q=layout.te_cu_q,
-            cu_seqlens_kv=layout.te_cu_kv,
-            max_seqlen_q=layout.te_max_q,
-            max_seqlen_kv=layout.te_max_kv,
-        )
-        return out.reshape(query.shape[0], 1, -1)
-
-
-_CLASSES = {"mask": MaskSharedAttention, "flex": FlexSharedAttention, "te": TESharedAttention}
+    return attention_mask
 
 
 def core_attention_class(impl: str) -> type:
-    """The core-attention class of ``impl`` (mask | flex | te) for a layer spec."""
-    if impl not in _CLASSES:
-        raise ValueError(f"prefix-sharing attention {impl!r}: use one of {IMPLEMENTATIONS}")
-    return _CLASSES[impl]
+    """The core-attention class of ``impl`` (mask | flex | te) for a layer spec.
+
+    ``te`` imports Transformer Engine (megatron-core's ``TEDotProductAttention`` subclass).
+    """
+    if impl == "mask":
+        return MaskSharedAttention
+    if impl == "flex":
+        return FlexSharedAttention
+    if impl == "te":
+        return _te_shared_class()
+    raise ValueError(f"prefix-sharing attention {impl!r}: use one of {IMPLEMENTATIONS}")
 
 
 def choose_implementation(on_cuda: bool) -> str:
