@@ -23,10 +23,10 @@ Engine's and FP8 included) are untouched. Three implementations, one contract:
 - ``flex`` (:class:`FlexSharedAttention`): PyTorch FlexAttention with a block mask (the fast
   path on a GPU without TE). On the CPU PyTorch runs it forward only (no backward).
 - ``te`` (``TESharedAttention``, a subclass of megatron-core's ``TEDotProductAttention``, so
-  its FP8 state and checkpoint keys are the TE spec's): Transformer Engine's THD attention with separate query
-  and key/value ``cu_seqlens``: each rejected segment's keys/values are the shared prefix's
-  followed by its own, with bottom-right causal alignment; a chosen segment is an ordinary
-  causal sequence. Written against TE's ``DotProductAttention`` API; **not run yet** (no GPU
+  its FP8 state and checkpoint keys are the TE spec's): Transformer Engine's THD attention
+  with separate query and key/value ``cu_seqlens``: each rejected segment's keys/values are
+  the shared prefix's followed by its own, with bottom-right causal alignment; a chosen
+  segment is an ordinary causal sequence. Written against TE's ``DotProductAttention`` API; **not run yet** (no GPU
   with TE was available).
 
 Rotary embeddings are applied before the core attention, per token by position id
