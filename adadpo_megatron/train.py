@@ -104,12 +104,11 @@ def prefix_attention_for(cfg: TrainConfig, *datasets) -> str | None:
     """
     if not any(ds is not None and ds.prefix_shared for ds in datasets):
         return None
-    from adadpo_megatron.step.attention import choose_implementation
-    from adadpo_megatron.step.model import transformer_engine_usable
+    from adadpo_megatron.step.model import default_prefix_attention, transformer_engine_usable
 
     choice = cfg.parallel.prefix_attention
     if choice == "auto":
-        choice = choose_implementation(cfg.parallel.device != "cpu")
+        choice = default_prefix_attention(cfg.parallel.device != "cpu")
     elif choice == "te" and not transformer_engine_usable():
         raise ConfigError("--prefix-attention te needs a usable Transformer Engine on a GPU; "
                           "use flex (FlexAttention) or auto")

@@ -87,7 +87,7 @@ def _prefix_attention(args: argparse.Namespace) -> str | None:
     import torch
 
     from adadpo_megatron.data.prefix_layout import LAYOUT_PREFIX_SHARED, layout_kind
-    from adadpo_megatron.step.attention import choose_implementation
+    from adadpo_megatron.step.model import default_prefix_attention
 
     if getattr(args, "data_path", None) is None:
         return None
@@ -101,7 +101,7 @@ def _prefix_attention(args: argparse.Namespace) -> str | None:
         raise ValueError(f"--data-path {_data_path(args)} is prefix-shared (adadpo-pack "
                          "--prefix-sharing), which context parallelism does not support: "
                          "--context-parallel-size 1, or re-pack without --prefix-sharing")
-    choice = choose_implementation(torch.cuda.is_available())
+    choice = default_prefix_attention(torch.cuda.is_available())
     if choice != "mask" and getattr(args, "recompute_granularity", None) is not None:
         raise ValueError(f"--recompute-granularity {args.recompute_granularity} with a "
                          f"prefix-shared --data-path ({choice} attention) is not supported: "

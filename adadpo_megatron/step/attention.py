@@ -48,7 +48,6 @@ __all__ = [
     "MaskSharedAttention",
     "SharedLayout",
     "build_shared_layout",
-    "choose_implementation",
     "core_attention_class",
     "token_pair_branch",
 ]
@@ -340,13 +339,3 @@ def core_attention_class(impl: str) -> type:
     if impl == "te":
         return _te_shared_class()
     raise ValueError(f"prefix-sharing attention {impl!r}: use one of {IMPLEMENTATIONS}")
-
-
-def choose_implementation(on_cuda: bool) -> str:
-    """Default implementation: ``mask`` off CUDA, ``te`` with a usable Transformer Engine,
-    ``flex`` on a GPU without it."""
-    if not on_cuda:
-        return "mask"
-    from adadpo_megatron.step.model import transformer_engine_usable
-
-    return "te" if transformer_engine_usable() else "flex"

@@ -34,6 +34,7 @@ __all__ = [
     "build_transformer_config",
     "build_gpt_model",
     "build_model_chunks",
+    "default_prefix_attention",
     "transformer_engine_usable",
 ]
 
@@ -72,6 +73,14 @@ def transformer_engine_usable() -> bool:
         logger.warning("transformer_engine is not usable (%s); using the local layer spec", exc)
         return False
     return True
+
+
+def default_prefix_attention(on_cuda: bool) -> str:
+    """Default prefix-sharing attention (``step/attention.py``): ``mask`` off CUDA, ``te``
+    with a usable Transformer Engine, ``flex`` (FlexAttention) on a GPU without it."""
+    if not on_cuda:
+        return "mask"
+    return "te" if transformer_engine_usable() else "flex"
 
 
 def build_transformer_config(
