@@ -1,4 +1,4 @@
-"""TP=2 and CP=2 reductions of adadpo_megatron.logprobs against one process (gloo, CPU).
+"""TP=2 and CP=2 reductions of adadpo_megatron.logprobs and .fused_logprobs vs one process (gloo, CPU).
 
 One torchrun launch (2 ranks) runs every case; pytest only launches it and checks the
 exit code. Run by hand: ``torchrun --nproc_per_node=2 tests/distributed/test_logprobs_distributed.py``.
@@ -111,6 +111,67 @@ def check_megatron_default_groups(rank):
         parallel_state.destroy_model_parallel()
 
 
+def check_fused_tp(rank, group, tokens, vocab, hidden_size, chunks, dtype=torch.float32):
+    """Fused output layer + log-probs on a vocabulary shard vs one process (and vs chunked)."""
+    from adadpo_megatron.fused_logprobs import fused_vocab_parallel_logprobs
+    from adadpo_megatron.logprobs import vocab_parallel_logprobs
+
+    gen = torch.Generator().manual_seed(4321)  # same full tensors on every rank
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.6).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    weights = torch.randn(tokens, generator=gen)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = F.log_softmax(h64 @ w64.T, -1).gather(-1, targets[:, None]).squeeze(-1)
+    ref_h, ref_w = torch.autograd.grad((ref * weights.double()).sum(), [h64, w64])
+    per_rank = vocab // 2
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    outs = {}
+    for impl in ("fused", "chunked"):
+        h = hidden.clone().requires_grad_()
+        w = weight[rows].clone().requires_grad_()
+        if impl == "fused":
+            logps = fused_vocab_parallel_logprobs(h, w, targets, group, *chunks)
+        else:
+            logps = vocab_parallel_logprobs(h @ w.T, targets, group, chunk_tokens=chunks[0])
+        g_h, g_w = torch.autograd.grad((logps * weights).sum(), [h, w])
+        dist.all_reduce(g_h, group=group)  # each rank's part of the hidden gradient
+        outs[impl] = (logps.detach(), g_h, g_w)
+    tol = TOL if dtype == torch.float32 else {"rtol": 0, "atol": 0.05}
+    torch.testing.assert_close(outs["fused"][0].double(), ref.detach(), **tol)
+    for got, want in zip(outs["fused"][1:], (ref_h, ref_w[rows]), strict=True):
+        assert got.dtype == dtype
+        scale = want.abs().max()
+        gtol = {"rtol": 0, "atol": 1e-5 if dtype == torch.float32 else 2**-5}
+        torch.testing.assert_close(got.double() / scale, want / scale, **gtol)
+    if dtype == torch.float32:  # fused == chunked to fp32 round-off, values and gradients
+        for got, want in zip(outs["fused"], outs["chunked"], strict=True):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def check_output_layer_mapping(rank, group):
+    """output_layer_input under TP (no SP): the hidden gradient is all-reduced in backward."""
+    from types import SimpleNamespace
+
+    from adadpo_megatron.fused_logprobs import fused_vocab_parallel_logprobs, output_layer_input
+
+    gen = torch.Generator().manual_seed(77)
+    hidden = torch.randn(6, 2, 8, generator=gen, dtype=torch.float64)  # [s, b, H]
+    weight = torch.randn(20, 8, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 20, (6, 2), generator=gen)
+    h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = F.log_softmax(h64 @ w64.T, -1).gather(-1, targets[..., None]).squeeze(-1)
+    ref_h, _ = torch.autograd.grad((ref * ref).sum(), [h64, w64])
+    shard = weight[rank * 10 : (rank + 1) * 10]
+    tp_layer = SimpleNamespace(tp_group=group, sequence_parallel=False, allreduce_dgrad=True)
+    h = hidden.clone().requires_grad_()
+    logps = fused_vocab_parallel_logprobs(output_layer_input(h, tp_layer), shard, targets, group)
+    (g_h,) = torch.autograd.grad((logps * logps).sum(), h)
+    torch.testing.assert_close(g_h, ref_h, rtol=1e-10, atol=1e-10)  # all-reduced in backward
+    # Sequence parallelism (gather_from_sequence_parallel_region) allocates on the current
+    # CUDA device in megatron-core: it cannot run here and is not tested on CPU.
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -121,6 +182,10 @@ def main() -> None:
     check_tp(rank, group, (5, 3), 40, chunk=4)  # [S, B, V/TP]
     check_tp(rank, group, (9,), 30, chunk=4096)  # one chunk
     check_tp(rank, group, (21,), 32, chunk=6, dtype=torch.bfloat16)
+    check_fused_tp(rank, group, 37, 66, 12, (8, 7))  # odd T, V/TP=33 odd, ragged tiles
+    check_fused_tp(rank, group, 9, 30, 5, (4096, 4096))  # one tile
+    check_fused_tp(rank, group, 21, 34, 8, (6, 5), dtype=torch.bfloat16)
+    check_output_layer_mapping(rank, group)
     check_cp(rank, group)
     check_megatron_default_groups(rank)
     dist.barrier()
