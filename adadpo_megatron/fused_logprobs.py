@@ -229,6 +229,25 @@ def fused_vocab_parallel_logprobs(
     return logps.view(targets.shape)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    megatron-core's TP all-reduce of a gradient (``mappings._reduce``) reduces
+    ``grad.contiguous()`` and returns ``grad``: for a non-contiguous gradient (GPTModel
+    transposes its output to batch-first, so ours arrives transposed) the reduced copy
+    would be dropped silently. Inside ``ColumnParallelLinear`` the gradient comes from a
+    matmul and is always contiguous; here this function makes it so.
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad.contiguous()
+
+
 def output_layer_input(hidden: torch.Tensor, output_layer: torch.nn.Module) -> torch.Tensor:
     """What megatron-core's ``ColumnParallelLinear`` multiplies: ``hidden`` after its TP mapping.
 
@@ -243,7 +262,8 @@ def output_layer_input(hidden: torch.Tensor, output_layer: torch.nn.Module) -> t
         forward, reduce-scatter backward (``gather_from_sequence_parallel_region``).
         TP > 1 otherwise: identity forward, all-reduce backward
         (``copy_to_tensor_model_parallel_region``); this is what the layer's own
-        ``allreduce_dgrad`` does inside its matmul. TP = 1: ``hidden`` itself.
+        ``allreduce_dgrad`` does inside its matmul. TP = 1: ``hidden`` itself. The
+        gradient reaching the mapping is made contiguous first (see ``_ContiguousGrad``).
     """
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
@@ -252,9 +272,10 @@ def output_layer_input(hidden: torch.Tensor, output_layer: torch.nn.Module) -> t
 
     group = getattr(output_layer, "tp_group", None)
     if getattr(output_layer, "sequence_parallel", False):
-        return gather_from_sequence_parallel_region(
+        gathered = gather_from_sequence_parallel_region(
             hidden, tensor_parallel_output_grad=True, group=group
         )
+        return _ContiguousGrad.apply(gathered)
     if getattr(output_layer, "allreduce_dgrad", False):
-        return copy_to_tensor_model_parallel_region(hidden, group=group)
+        return _ContiguousGrad.apply(copy_to_tensor_model_parallel_region(hidden, group=group))
     return hidden

@@ -204,7 +204,8 @@ def build_run(cfg: TrainConfig) -> Run:
     step_context = StepContext(num_microbatches=1, global_num_pairs=1)
     run = Run(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
               train_data=train_data, position=position, eval_data=eval_data,
-              forward_step=make_forward_step(cfg.loss, step_context),
+              forward_step=make_forward_step(
+                  cfg.loss, step_context, logprob_impl=cfg.training.logprob_impl),
               step_context=step_context)
 
     if cfg.reference.mode == "online":
@@ -213,7 +214,8 @@ def build_run(cfg: TrainConfig) -> Run:
         run.reference = build_online_reference(
             lambda: build_model_chunks(ref_config, vocab, max_pos, wrap_ddp=False),
             model, cfg.reference.ref_load)
-        run.reference_step = make_reference_forward_step()
+        run.reference_step = make_reference_forward_step(
+            logprob_impl=cfg.training.logprob_impl)
         run.save_reference = cfg.reference.ref_load is None
     elif cfg.reference.mode == "precomputed":
         run.precomputed = PrecomputedReference(cfg.reference.ref_logprobs,

@@ -122,7 +122,7 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
     iteration = load_model_weights(source, chunks) if source else None
     for chunk in chunks:
         chunk.eval()
-    step_fn = make_reference_forward_step()
+    step_fn = make_reference_forward_step(logprob_impl=cfg.training.logprob_impl)
     for ds, path in targets:
         start = time.perf_counter()
         sums = _sums_for(cfg, chunks, step_fn, ds)

@@ -173,7 +173,9 @@ def make_forward_step(args: argparse.Namespace, *, use_thd: bool | None = None):
         if not built:
             # No StepContext: under --calculate-per-token-loss no global pair count is
             # needed, and without it the loss function refuses to run (no silent G=1).
-            built.append(fs.make_forward_step(loss_cfg, None, use_thd=use_thd))
+            built.append(fs.make_forward_step(
+                loss_cfg, None, use_thd=use_thd,
+                logprob_impl=getattr(args, "logprob_impl", "fused")))
         return built[0](data_iterator, model)
 
     return forward_step

@@ -1,9 +1,13 @@
 """``forward_step`` / ``loss_func`` for megatron-core's ``get_forward_backward_func()``.
 
 Per micro-batch: :func:`~adadpo_megatron.step.batch.prepare_model_inputs` ->
-``GPTModel`` (``labels=None``: it returns logits ``[B, S, V/TP]``) -> last pipeline stage:
-``vocab_parallel_logprobs`` (TP collectives) -> ``segment_logprob_sums`` (CP all-reduce)
--> pair segments ``2i`` (chosen) / ``2i+1`` (rejected) -> ``compute_preference_loss``.
+``GPTModel`` (``labels=None``) -> last pipeline stage: per-token log-probs (TP
+collectives) -> ``segment_logprob_sums`` (CP all-reduce) -> pair segments ``2i`` (chosen) /
+``2i+1`` (rejected) -> ``compute_preference_loss``. Per-token log-probs, by
+``logprob_impl`` (``--logprob-impl``, see ``step/output_layer.py``): ``"fused"`` (default),
+the model hands over hidden states ``[B, S, H]`` and its output weight and
+``fused_vocab_parallel_logprobs`` never forms the logits; ``"chunked"``, the model returns
+logits ``[B, S, V/TP]`` and ``vocab_parallel_logprobs`` reduces them.
 
 Normalisation (DESIGN.md: the loss is the mean over all G pairs of the global batch).
 Notation: ``n_j`` pairs in micro-batch j of this rank, ``l_p`` the loss of pair p,
@@ -40,6 +44,7 @@ over DP x CP and divides. Metrics whose ``metric_reduction`` is ``"max"``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,8 +53,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from adadpo_megatron.fused_logprobs import fused_vocab_parallel_logprobs
 from adadpo_megatron.logprobs import segment_logprob_sums, vocab_parallel_logprobs
 from adadpo_megatron.step.batch import ModelInputs, prepare_model_inputs
+from adadpo_megatron.step.output_layer import (
+    LOGPROB_IMPLS,
+    OutputWeight,
+    hidden_states_instead_of_logits,
+)
 
 __all__ = [
     "StepContext",
@@ -106,9 +117,25 @@ def _model_config(model: torch.nn.Module):
     return get_model_config(model)
 
 
-def _pair_logps(inputs: ModelInputs, logits: torch.Tensor, groups: _Groups):
+def _token_logps(
+    inputs: ModelInputs, output: torch.Tensor, groups: _Groups, held: OutputWeight | None
+) -> torch.Tensor:
+    """fp32 per-token log-probs: from logits (``held`` None) or hidden states + weight."""
+    if held is None:
+        return vocab_parallel_logprobs(output, inputs.labels, groups.tp)
+    if held.weight is None:
+        raise ValueError(
+            "--logprob-impl fused: the model's last stage has no megatron-core output layer "
+            "(GPTModel.output_layer) that was called: use --logprob-impl chunked"
+        )
+    return fused_vocab_parallel_logprobs(output, held.weight, inputs.labels, groups.tp)
+
+
+def _pair_logps(
+    inputs: ModelInputs, logits: torch.Tensor, groups: _Groups, held: OutputWeight | None = None
+):
     """Per-segment (sum, count) of the micro-batch, split into chosen [N] / rejected [N]."""
-    token_logps = vocab_parallel_logprobs(logits, inputs.labels, groups.tp)
+    token_logps = _token_logps(inputs, logits, groups, held)
     sums, counts = segment_logprob_sums(
         token_logps.reshape(-1), inputs.loss_mask.reshape(-1), inputs.cu_seqlens, groups.cp
     )
@@ -136,10 +163,12 @@ def _loss_func(
     groups: _Groups,
     per_token: bool,
     logits: torch.Tensor,
+    *,
+    held: OutputWeight | None = None,
 ):
     from adadpo_megatron.losses import compute_preference_loss
 
-    pol_w, pol_l, len_w, len_l = _pair_logps(inputs, logits, groups)
+    pol_w, pol_l, len_w, len_l = _pair_logps(inputs, logits, groups, held)
     ref_w = ref_l = None
     if inputs.ref_logps is not None:
         ref = inputs.ref_logps.to(device=pol_w.device, dtype=pol_w.dtype, non_blocking=True)
@@ -176,6 +205,7 @@ def make_forward_step(
     step: StepContext | None = None,
     *,
     use_thd: bool | None = None,
+    logprob_impl: str = "fused",
 ):
     """Builds ``forward_step(data_iterator, model)`` for ``get_forward_backward_func()``.
 
@@ -187,6 +217,8 @@ def make_forward_step(
             ``--calculate-per-token-loss``, which needs no global pair count).
         use_thd: packed micro-batches through ``PackedSeqParams`` (TE attention) or a
             block-diagonal mask; None: THD exactly when Transformer Engine is usable.
+        logprob_impl: ``"fused"`` (hidden states + output weight, no logits) or
+            ``"chunked"`` (logits); ``--logprob-impl``, see the module doc.
 
     Process groups and sizes are read from megatron-core's ``parallel_state`` here, once:
     build a new forward_step after re-initialising the parallel state.
@@ -200,12 +232,16 @@ def make_forward_step(
 
     if use_thd is None:
         use_thd = transformer_engine_usable()
+    _check_impl(logprob_impl)
     groups = _groups_from_megatron()
 
     def forward_step(data_iterator: Iterator[Mapping[str, Any]], model: torch.nn.Module):
-        inputs, output = _run_model(next(data_iterator), model, use_thd, groups)
+        inputs, output, held = _run_model(next(data_iterator), model, use_thd, groups, logprob_impl)
         per_token = bool(_model_config(model).calculate_per_token_loss)
-        return output, functools.partial(_loss_func, inputs, loss_cfg, step, groups, per_token)
+        loss_func = functools.partial(
+            _loss_func, inputs, loss_cfg, step, groups, per_token, held=held
+        )
+        return output, loss_func
 
     return forward_step
 
@@ -217,10 +253,25 @@ def _prefix_attention(model: torch.nn.Module) -> str | None:
     return getattr(opts, "prefix_attention", None)
 
 
+def _check_impl(logprob_impl: str) -> None:
+    if logprob_impl not in LOGPROB_IMPLS:
+        raise ValueError(
+            f"--logprob-impl {logprob_impl!r}: choose one of {', '.join(LOGPROB_IMPLS)}"
+        )
+
+
 def _run_model(
-    batch: Mapping[str, Any], model: torch.nn.Module, use_thd: bool, groups: _Groups
-) -> tuple[ModelInputs, torch.Tensor]:
-    """Prepares one micro-batch for this rank and runs ``model`` on it (logits, no labels)."""
+    batch: Mapping[str, Any],
+    model: torch.nn.Module,
+    use_thd: bool,
+    groups: _Groups,
+    logprob_impl: str = "chunked",
+) -> tuple[ModelInputs, torch.Tensor, OutputWeight | None]:
+    """Prepares one micro-batch for this rank and runs ``model`` on it (no labels).
+
+    Returns the inputs, the model's output (logits, or hidden states when ``fused``) and
+    the output weight holder (None for ``chunked``).
+    """
     inputs = prepare_model_inputs(
         batch,
         device=_model_device(model),
@@ -229,18 +280,23 @@ def _run_model(
         cp_rank=groups.cp_rank,
         shared_attention=_prefix_attention(model),
     )
-    output = model(
-        inputs.input_ids,
-        inputs.position_ids,
-        inputs.attention_mask,
-        labels=None,
-        packed_seq_params=inputs.packed_seq_params,
-    )
-    return inputs, output
+    fused = logprob_impl == "fused"
+    with hidden_states_instead_of_logits(model) if fused else contextlib.nullcontext() as held:
+        output = model(
+            inputs.input_ids,
+            inputs.position_ids,
+            inputs.attention_mask,
+            labels=None,
+            packed_seq_params=inputs.packed_seq_params,
+        )
+    return inputs, output, held
 
-def _reference_loss_func(inputs: ModelInputs, groups: _Groups, logits, non_loss_data=False):
+
+def _reference_loss_func(
+    inputs: ModelInputs, groups: _Groups, logits, non_loss_data=False, *, held=None
+):
     with torch.no_grad():
-        token_logps = vocab_parallel_logprobs(logits, inputs.labels, groups.tp)
+        token_logps = _token_logps(inputs, logits, groups, held)
         sums, _ = segment_logprob_sums(
             token_logps.reshape(-1), inputs.loss_mask.reshape(-1), inputs.cu_seqlens, groups.cp
         )
@@ -250,25 +306,29 @@ def _reference_loss_func(inputs: ModelInputs, groups: _Groups, logits, non_loss_
     return zero, {"ref_logps": sums}
 
 
-def make_reference_forward_step(*, use_thd: bool | None = None):
+def make_reference_forward_step(*, use_thd: bool | None = None, logprob_impl: str = "fused"):
     """Forward step of an online reference pass (the hook for ``--ref-load``).
 
     Run it with ``forward_only=True, collect_non_loss_data=True`` on the frozen reference
     model chunks, over the same micro-batches (same order, same layout) as the policy
     step. On the last pipeline stage forward_backward_func then returns one fp32 ``[S]``
     tensor of per-segment reference log-prob sums per micro-batch (``[]`` elsewhere); hand
-    them to :func:`attach_reference_logps` before the policy pass.
+    them to :func:`attach_reference_logps` before the policy pass. ``logprob_impl`` as
+    for :func:`make_forward_step` (forward only: the fused path keeps no logits at all).
     """
     from adadpo_megatron.step.model import transformer_engine_usable
 
     if use_thd is None:
         use_thd = transformer_engine_usable()
+    _check_impl(logprob_impl)
     groups = _groups_from_megatron()
 
     def forward_step(data_iterator, model):
         with torch.no_grad():
-            inputs, output = _run_model(next(data_iterator), model, use_thd, groups)
-        return output, functools.partial(_reference_loss_func, inputs, groups)
+            inputs, output, held = _run_model(
+                next(data_iterator), model, use_thd, groups, logprob_impl
+            )
+        return output, functools.partial(_reference_loss_func, inputs, groups, held=held)
 
     return forward_step
 

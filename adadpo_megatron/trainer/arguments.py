@@ -95,6 +95,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r.add_argument("--ref-load", default=None,
                    help="checkpoint of the online frozen reference (default: the policy's "
                         "initial weights)")
+    lp = parser.add_argument_group("log-probs (adadpo-megatron)")
+    lp.add_argument("--logprob-impl", choices=["fused", "chunked"], default="fused",
+                    help="fused: per-token log-probs straight from the last hidden states and "
+                         "the output weight, never the [T, V/TP] logits; chunked: the model's "
+                         "logits, then a chunked vocab-parallel log-softmax (the reference)")
     return parser
 
 

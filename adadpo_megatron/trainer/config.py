@@ -122,6 +122,8 @@ class TrainingArgs:
     """--recompute-method: uniform or block (full only)."""
     recompute_num_layers: int | None
     """--recompute-num-layers (full only)."""
+    logprob_impl: str = "fused"
+    """--logprob-impl: fused (hidden states + output weight) or chunked (from logits)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -357,7 +359,8 @@ def _training_args(a: argparse.Namespace, par: ParallelArgs) -> TrainingArgs:
         num_microbatches=gbs // (a.micro_batch_size * dp), train_iters=a.train_iters,
         seed=a.seed, bf16=a.bf16, max_skipped_steps=a.max_skipped_steps,
         recompute_granularity=a.recompute_granularity, recompute_method=a.recompute_method,
-        recompute_num_layers=a.recompute_num_layers)
+        recompute_num_layers=a.recompute_num_layers,
+        logprob_impl=getattr(a, "logprob_impl", "fused"))
 
 
 def _optim_args(a: argparse.Namespace) -> OptimArgs:

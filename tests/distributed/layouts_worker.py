@@ -185,21 +185,29 @@ def _tokenwise_model(config):
     the test isolates the CP reduction and the loss normalisation of the forward step.
     """
     from megatron.core.enums import ModelType
+    from megatron.core.tensor_parallel import ColumnParallelLinear
     from megatron.core.transformer.module import MegatronModule
 
     class TokenwiseLM(MegatronModule):
+        share_embeddings_and_output_weights = False
+
         def __init__(self):
             super().__init__(config=config)
             self.model_type = ModelType.encoder_or_decoder
             self.embed = torch.nn.Embedding(VOCAB, config.hidden_size)
             self.pos = torch.nn.Embedding(MAX_LEN, config.hidden_size)
-            self.out = torch.nn.Linear(config.hidden_size, VOCAB, bias=False)
+            # GPTModel's output layer, so that --logprob-impl fused takes its input.
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, VOCAB, config=config, init_method=config.init_method,
+                bias=False, gather_output=False,
+            )  # fmt: skip
 
         def set_input_tensor(self, tensor):  # no pipeline stages
             pass
 
         def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):
-            return self.out(torch.tanh(self.embed(input_ids) + self.pos(position_ids)))
+            hidden = torch.tanh(self.embed(input_ids) + self.pos(position_ids))
+            return self.output_layer(hidden)[0]
 
     return TokenwiseLM()
 
@@ -394,11 +402,23 @@ def run_case(case, pairs, refs) -> dict:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mbs = _microbatches(case, pairs, dp_rank, dp_size)
     step = StepContext(num_microbatches=len(mbs), global_num_pairs=len(pairs))
-    for c in chunks:
-        c.zero_grad_buffer()
-    reports = _run(chunks, make_forward_step(LossConfig(**LOSS), step, use_thd=use_thd), mbs)
-    metrics = reduce_metrics(reports)
-    grad_err, names = grad_errors(chunks, ref["grads"], gated)
+    # Both --logprob-impl paths: each against the single process, and fused vs chunked.
+    per_impl = {}
+    for impl in ("chunked", "fused"):
+        for c in chunks:
+            c.zero_grad_buffer()
+        fwd = make_forward_step(LossConfig(**LOSS), step, use_thd=use_thd, logprob_impl=impl)
+        metrics = reduce_metrics(_run(chunks, fwd, mbs))
+        grad_err, names = grad_errors(chunks, ref["grads"], gated)
+        grads = [p.main_grad.detach().clone() for _, p, _ in local_params(chunks)]
+        per_impl[impl] = (metrics, grad_err, grads)
+    metrics, grad_err, grads = per_impl["fused"]
+    chunked_metrics, chunked_err, chunked_grads = per_impl["chunked"]
+    # fused vs chunked: largest gradient difference relative to the parameter's largest.
+    impl_err = max(
+        float((a - b).abs().max() / b.abs().max().clamp(min=1e-8))
+        for a, b in zip(grads, chunked_grads, strict=True)
+    )
 
     # Step 0: the policy is its own reference (online reference pass through the same path).
     step0 = {}
@@ -430,8 +450,10 @@ def run_case(case, pairs, refs) -> dict:
             {k: float(m0[k]) for k in ("loss", "rewards/chosen", "rewards/rejected")} if m0 else {}
         )
 
-    out = dict(grad_rel_err=grad_err, params=names, elapsed=time.time() - t0)
+    out = dict(grad_rel_err=max(grad_err, chunked_err), params=names, impl_grad_err=impl_err,
+               elapsed=time.time() - t0)
     if metrics:  # last pipeline stage
+        out["impl_loss_err"] = abs(float(metrics["loss"]) - float(chunked_metrics["loss"]))
         # Relative for metrics of magnitude > 1, absolute below (accuracies, log-ratios ~ 0).
         errs = [abs(float(metrics[k]) - v) / max(abs(v), 1.0) for k, v in ref["metrics"].items()]
         out["metric_err"] = max(e if math.isfinite(e) else math.inf for e in errs)
@@ -447,6 +469,7 @@ def _gather_case(result: dict) -> dict:
     dist.all_gather_object(everyone, result)
     merged = dict(
         grad_rel_err=max(r["grad_rel_err"] for r in everyone),
+        impl_grad_err=max(r["impl_grad_err"] for r in everyone),
         params_covered=sorted({n for r in everyone for n in r["params"]}),
         elapsed=max(r["elapsed"] for r in everyone),
     )
@@ -454,6 +477,7 @@ def _gather_case(result: dict) -> dict:
     merged["metric_err"] = max(r["metric_err"] for r in last)
     merged["metric_names"] = last[0]["metric_names"]
     merged["loss"] = [r["loss"] for r in last]
+    merged["impl_loss_err"] = max(r["impl_loss_err"] for r in last)
     merged["step0"] = [r["step0"] for r in last]
     return merged
 

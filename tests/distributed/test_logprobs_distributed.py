@@ -168,6 +168,13 @@ def check_output_layer_mapping(rank, group):
     logps = fused_vocab_parallel_logprobs(output_layer_input(h, tp_layer), shard, targets, group)
     (g_h,) = torch.autograd.grad((logps * logps).sum(), h)
     torch.testing.assert_close(g_h, ref_h, rtol=1e-10, atol=1e-10)  # all-reduced in backward
+    # As in GPTModel: the output is made batch-first, so the gradient arrives transposed
+    # (non-contiguous); megatron-core's all-reduce would drop it without _ContiguousGrad.
+    h = hidden.clone().requires_grad_()
+    batch_first = output_layer_input(h, tp_layer).transpose(0, 1).contiguous()
+    logps = fused_vocab_parallel_logprobs(batch_first, shard, targets.T, group).T
+    (g_h,) = torch.autograd.grad((logps * logps).sum(), h)
+    torch.testing.assert_close(g_h, ref_h, rtol=1e-10, atol=1e-10)
     # Sequence parallelism (gather_from_sequence_parallel_region) allocates on the current
     # CUDA device in megatron-core: it cannot run here and is not tested on CPU.
 

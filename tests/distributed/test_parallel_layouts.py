@@ -6,7 +6,10 @@ runs several layouts in turn, re-initialising megatron-core's parallel state in-
 single-process run on the same global batch (each sequence alone, plain log_softmax):
 the mean loss and metrics over all pairs, and the gradient of every parameter, through
 megatron-core's own schedules and DDP, with micro-batches of unequal numbers of pairs,
-packed (THD, block-diagonal mask) and padded ([B, S]) micro-batches. Then the step-0
+packed (THD, block-diagonal mask) and padded ([B, S]) micro-batches. Every layout runs
+with both ``--logprob-impl`` paths (``chunked``: logits then log-softmax; ``fused``: hidden
+states + output weight), each checked against the single process and against each other
+(loss and every gradient). Then the step-0
 invariant: an online reference pass through the same chunks makes policy == reference,
 and ``dpo`` / ratio-space ``adadpo`` must give log 2 with zero rewards.
 
@@ -139,6 +142,12 @@ def check(res: dict) -> None:
     assert res["params_missing"] == [], f"{name}: no rank holds {res['params_missing']}"
     assert res["grad_rel_err"] <= GRAD_RTOL, (
         f"{name}: gradient rel. error {res['grad_rel_err']:.3g}"
+    )
+    assert res["impl_grad_err"] <= GRAD_RTOL, (
+        f"{name}: fused vs chunked gradient rel. difference {res['impl_grad_err']:.3g}"
+    )
+    assert res["impl_loss_err"] <= METRIC_TOL * res["ref_loss"], (
+        f"{name}: fused vs chunked loss difference {res['impl_loss_err']:.3g}"
     )
     assert res["metric_names"] == res["ref_metric_names"], name
     assert res["metric_err"] <= METRIC_TOL, f"{name}: metric error {res['metric_err']:.3g}"
