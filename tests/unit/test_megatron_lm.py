@@ -137,7 +137,8 @@ def test_data_iterator_shards_steps_over_dp() -> None:
     assert len(set(seen)) == 4  # one step: four different packs over the two DP ranks
 
 
-def test_forward_step_on_a_tiny_model() -> None:
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_forward_step_on_a_tiny_model(impl: str) -> None:
     from megatron.core import parallel_state
 
     from adadpo_megatron.losses import compute_preference_loss
@@ -148,7 +149,7 @@ def test_forward_step_on_a_tiny_model() -> None:
     initialize_model_parallel_cpu(tp=1, pp=1)
     try:
         args = _recipe_args("--tensor-model-parallel-size", "1",
-                            "--pipeline-model-parallel-size", "1")
+                            "--pipeline-model-parallel-size", "1", "--logprob-impl", impl)
         config = build_transformer_config(
             num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
             position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
@@ -159,7 +160,14 @@ def test_forward_step_on_a_tiny_model() -> None:
         output, loss_func = step(iter([batch]), model)
         loss, num_pairs, report = loss_func(output)
         # Plain reference: full log-softmax of the same logits, masked segment sums.
-        logps = F.log_softmax(output.detach().float()[0], -1)
+        logits = output.detach()
+        if impl == "fused":  # the model handed over hidden states [1, T, H]
+            weight = (model.shared_embedding_or_output_weight()
+                      if model.share_embeddings_and_output_weights else model.output_layer.weight)
+            assert output.shape[-1] == 32
+            logits = logits @ weight.detach().T
+        assert logits.shape[-1] == 64
+        logps = F.log_softmax(logits.float()[0], -1)
         token = logps.gather(-1, batch["labels"][:, None])[:, 0] * batch["loss_mask"]
         sums = torch.stack([token[a:b].sum() for a, b in zip(
             batch["cu_seqlens"][:-1].tolist(), batch["cu_seqlens"][1:].tolist(), strict=True)])

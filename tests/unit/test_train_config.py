@@ -122,13 +122,26 @@ def test_preference_loss_choices_come_from_the_registry():
 def test_add_args_adds_only_the_plugin_flags():
     parser = add_args(argparse.ArgumentParser())
     flags = {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
-    assert flags == set(LOSS_FIELD_FLAGS.values()) | {"--ref-logprobs", "--ref-load"}
+    assert flags == set(LOSS_FIELD_FLAGS.values()) | {
+        "--ref-logprobs", "--ref-load", "--logprob-impl"}
     # As Megatron-LM's extra_args_provider: must not collide with a parser that already has
     # Megatron-LM's own flags (a few of its names stand in for the whole set here).
     megatron_like = argparse.ArgumentParser()
     for f in ("--fp8-format", "--load", "--lr", "--micro-batch-size", "--seq-length"):
         megatron_like.add_argument(f)
     add_args(megatron_like)
+
+
+def test_logprob_impl_flag(capsys):
+    from adadpo_megatron.step.forward_step import make_forward_step
+
+    assert cfg_of().training.logprob_impl == "fused"
+    assert cfg_of("--logprob-impl", "chunked").training.logprob_impl == "chunked"
+    with pytest.raises(SystemExit):
+        cfg_of("--logprob-impl", "naive")
+    assert "--logprob-impl" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--logprob-impl 'naive'"):
+        make_forward_step(None, None, use_thd=False, logprob_impl="naive")
 
 
 def test_yaml_config_with_command_line_overrides(tmp_path):
