@@ -1,30 +1,40 @@
-"""Peak extra memory and time of forward+backward per-token log-probs, three ways.
+"""Output layer + per-token log-probs, forward and backward, four ways: time and peak memory.
 
-Variants, each given the same bf16 vocab-sharded logits ``[T, V/TP]`` and global targets,
-each computing ``sum_t w_t * log p(target_t)`` and its gradient w.r.t. the logits:
+Every variant gets the same inputs, the last hidden states ``[T, H]`` and this rank's
+vocabulary shard of the output weight ``[V/TP, H]`` (both ``--dtypes``), global targets
+and per-token weights ``w``; each computes ``sum_t w_t * log p(target_t)`` and its
+gradients w.r.t. the hidden states and the weight:
 
-* ``ours``: ``adadpo_megatron.logprobs.vocab_parallel_logprobs``.
-* ``naive``: ``log_softmax(logits.float()).gather(...)``; under TP the shards are first
-  all-gathered into the full ``[T, V]`` (what one does without a vocab-parallel kernel).
-* ``megatron``: ``-vocab_parallel_cross_entropy(logits, targets)`` from megatron-core
-  (arguments positional: ``tp_group=`` exists only from 0.19). It computes in place on its
-  fp32 upcast; for bf16 logits that upcast is a copy and the input is untouched, so no
-  clone is made. With ``--dtype fp32`` the upcast is the input itself: the input is
-  cloned first, and the clone is counted in its memory.
+* ``fused``: ``adadpo_megatron.fused_logprobs.fused_vocab_parallel_logprobs`` (tiles of
+  ``[chunk_tokens, chunk_vocab]`` logits; never the whole logits).
+* ``chunked``: ``logits = h @ W.T`` (the output layer), then
+  ``adadpo_megatron.logprobs.vocab_parallel_logprobs`` (our unfused path).
+* ``megatron``: ``logits = h @ W.T``, then megatron-core's
+  ``-vocab_parallel_cross_entropy(logits, targets)`` (what ``GPTModel`` does with labels;
+  it upcasts to fp32 and works in place on the upcast, i.e. on the logits themselves in
+  fp32, which nothing else needs).
+* ``naive``: ``logits = h @ W.T``, ``log_softmax(logits.float()).gather(...)``; under TP
+  the logits are first all-gathered into ``[T, V]``.
 
-Memory ("peak extra"): every variant runs in fresh processes. After the inputs are built
+Under TP each rank's hidden-state gradient is its vocabulary shard's part (megatron-core's
+mapping in front of the output layer would all-reduce it: the same for every variant,
+left out).
+
+Memory ("peak extra"): each variant runs in fresh processes. After the inputs are built
 and a tiny warm-up ran, the kernel's peak-RSS mark is reset (``5`` written to
-``/proc/self/clear_refs``) and the resident set size is read as the baseline; then
-forward+backward run, and the peak extra is ``VmHWM - baseline`` from
-``/proc/self/status``. The gradient w.r.t. the logits counts: every variant must produce
-it. (``ru_maxrss`` cannot be reset and is not used.) Tensors of this size are mmap-ed by
-glibc and unmapped on free, so RSS follows live tensor memory. On CUDA,
-``torch.cuda.max_memory_allocated`` is used instead.
+``/proc/self/clear_refs``) and the resident set size read as the baseline; after forward
++ backward the peak extra is ``VmHWM - baseline``. glibc is told to mmap every allocation
+above 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the resident set and
+RSS follows live tensor memory. On CUDA, ``torch.cuda.max_memory_allocated`` is used. The
+table gives the peak with the two gradients (every variant must return them) and the
+*work* memory: the peak minus those gradients' bytes, also as a multiple of the bf16
+logits ``T x V/TP x 2`` bytes (the issue's goal: fused below 0.25).
 
-Usage (CPU, what the report quotes):
-    python benchmarks/bench_logprobs.py                      # T=2048, V=128,256, TP=1 and 2
-    python benchmarks/bench_logprobs.py --tokens 8192        # the full stated size (~16 GB)
-    python benchmarks/bench_logprobs.py --device cuda --tp 1 # on a GPU
+Usage (one command; CPU defaults a few minutes on one thread):
+    python benchmarks/bench_logprobs.py
+    python benchmarks/bench_logprobs.py --tokens 8192 --vocab 128256 --hidden 4096  # stated
+    python benchmarks/bench_logprobs.py --device cuda --tokens 8192 --vocab 128256 \\
+        --hidden 4096 --dtypes bf16                                       # on one GPU
 """
 
 from __future__ import annotations
@@ -39,8 +49,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STATED_TOKENS = 8192
-VARIANTS = ("ours", "naive", "megatron")
+STATED_TOKENS, STATED_VOCAB = 8192, 128256
+VARIANTS = ("fused", "chunked", "megatron", "naive")
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -72,38 +82,48 @@ def _peak(device: str) -> int:
 
 
 def _build_inputs(args, rank, world, device, dtype):
+    """hidden [T, H] (same on every rank), weight shard [V/TP, H], targets [T], w [T]."""
     import torch
 
+    shared = torch.Generator().manual_seed(7)  # same on every rank
+    hidden = (torch.randn(args.tokens, args.hidden, generator=shared)).to(device, dtype)
     vocab_local = args.vocab // world
     gen = torch.Generator().manual_seed(1000 + rank)
-    logits = torch.empty(args.tokens, vocab_local, dtype=dtype, device=device)
-    for start in range(0, args.tokens, 64):  # chunk-wise: no fp32 full-size temporary
-        block = torch.randn(min(64, args.tokens - start), vocab_local, generator=gen) * 3
-        logits[start : start + block.shape[0]] = block.to(device)
-    shared = torch.Generator().manual_seed(7)  # same targets and weights on every rank
+    weight = torch.empty(vocab_local, args.hidden, dtype=dtype, device=device)
+    scale = 3.0 / args.hidden**0.5  # logits of standard deviation ~3
+    for start in range(0, vocab_local, 4096):  # block-wise: no fp32 full-size temporary
+        block = torch.randn(min(4096, vocab_local - start), args.hidden, generator=gen) * scale
+        weight[start : start + block.shape[0]] = block.to(device, dtype)
     targets = torch.randint(0, args.vocab, (args.tokens,), generator=shared).to(device)
     weights = torch.randn(args.tokens, generator=shared).to(device)
-    return logits.requires_grad_(), targets, weights
+    return hidden.requires_grad_(), weight.requires_grad_(), targets, weights
 
 
-def _run_variant(name, logits, targets, weights, group, args):
-    """One forward+backward; returns (log-probs [T] fp32, gradient of this rank's shard)."""
+def _run_variant(name, hidden, weight, targets, weights, group, args):
+    """One forward+backward; returns (log-probs [T] fp32, grad hidden, grad weight)."""
     import torch
     import torch.distributed as dist
 
-    if name == "ours":
+    if name == "fused":
+        from adadpo_megatron.fused_logprobs import fused_vocab_parallel_logprobs
+
+        logps = fused_vocab_parallel_logprobs(
+            hidden, weight, targets, group, args.chunk_tokens, args.chunk_vocab
+        )
+        return (logps, *torch.autograd.grad((logps * weights).sum(), [hidden, weight]))
+    logits = hidden @ weight.T  # the output layer
+    if name == "chunked":
         from adadpo_megatron.logprobs import vocab_parallel_logprobs
 
         logps = vocab_parallel_logprobs(logits, targets, group, chunk_tokens=args.chunk_tokens)
-        (grad,) = torch.autograd.grad((logps * weights).sum(), logits)
-        return logps, grad
+        del logits
+        return (logps, *torch.autograd.grad((logps * weights).sum(), [hidden, weight]))
     if name == "megatron":
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        source = logits.clone() if logits.dtype == torch.float32 else logits
-        logps = -vocab_parallel_cross_entropy(source, targets)
-        (grad,) = torch.autograd.grad((logps * weights).sum(), logits)
-        return logps, grad
+        logps = -vocab_parallel_cross_entropy(logits, targets)
+        del logits
+        return (logps, *torch.autograd.grad((logps * weights).sum(), [hidden, weight]))
     world = dist.get_world_size(group)
     if world > 1:  # naive TP: gather the whole vocabulary on every rank
         with torch.no_grad():
@@ -117,15 +137,19 @@ def _run_variant(name, logits, targets, weights, group, args):
     logp_all = torch.log_softmax(full.float(), dim=-1)
     logps = logp_all.gather(-1, targets[:, None]).squeeze(-1)
     del logp_all
-    (grad,) = torch.autograd.grad((logps * weights).sum(), full)
-    if world > 1:
-        rank, width = dist.get_rank(group), logits.shape[-1]
-        grad = grad[:, rank * width : (rank + 1) * width]
-    return logps, grad
+    if world == 1:
+        del logits, full
+        return (logps, *torch.autograd.grad((logps * weights).sum(), [hidden, weight]))
+    (grad_full,) = torch.autograd.grad((logps * weights).sum(), full)
+    del full
+    rank, width = dist.get_rank(group), logits.shape[-1]
+    grad_shard = grad_full[:, rank * width : (rank + 1) * width]
+    grads = torch.autograd.grad(logits, [hidden, weight], grad_shard)
+    return (logps.detach(), *grads)
 
 
 def worker(args) -> None:
-    """One rank of one variant: prints a JSON line with its peak extra memory and times."""
+    """One rank of one variant and dtype: prints a JSON line with its peak memory and times."""
     import torch
     import torch.distributed as dist
 
@@ -140,41 +164,45 @@ def worker(args) -> None:
         from megatron.core import parallel_state
 
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    if args.variant == "ours":
-        import adadpo_megatron.logprobs  # noqa: F401 - import cost outside the baseline
+    import adadpo_megatron.fused_logprobs  # noqa: F401 - import cost outside the baseline
+
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    # Warm-up on 16 tokens: lazy library and thread-pool set-up stays out of the peak.
-    tiny = argparse.Namespace(**{**vars(args), "tokens": 16})
+    # Warm-up on 16 tokens and a small vocabulary: lazy set-up stays out of the peak.
+    tiny = argparse.Namespace(**{**vars(args), "tokens": 16, "vocab": 64 * world})
     _run_variant(args.variant, *_build_inputs(tiny, rank, world, device, dtype), group, tiny)
-    logits, targets, weights = _build_inputs(args, rank, world, device, dtype)
+    hidden, weight, targets, weights = _build_inputs(args, rank, world, device, dtype)
     dist.barrier()
     times, peak = [], 0
     for _ in range(args.repeats):
         base = _reset_peak(args.device)
         dist.barrier()
         start = time.perf_counter()
-        logps, grad = _run_variant(args.variant, logits, targets, weights, group, args)
+        logps, g_h, g_w = _run_variant(args.variant, hidden, weight, targets, weights, group, args)
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         peak = max(peak, _peak(args.device) - base)
-        # After the peak is read: the fp64 norm below makes a gradient-sized copy.
-        checksum = [float(logps.detach().double().sum()), float(grad.double().norm())]
-        del logps, grad
-    print(json.dumps({"rank": rank, "peak": peak, "times": times, "checksum": checksum}))
+        checksum = [float(logps.detach().double().sum()), float(g_h.double().norm()),
+                    float(g_w.double().norm())]
+        del logps, g_h, g_w
+    grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+    print(json.dumps({"rank": rank, "peak": peak, "grad_bytes": grad_bytes, "times": times,
+                      "checksum": checksum}))
     dist.destroy_process_group()
 
 
-def _launch(args, variant: str, tp: int) -> list[dict]:
+def _launch(args, variant: str, tp: int, dtype: str) -> list[dict]:
     """Starts `tp` worker processes (a fresh set per variant) and collects their results."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", MASTER_ADDR="127.0.0.1")
     env.update(MASTER_PORT=str(port), WORLD_SIZE=str(tp), OMP_NUM_THREADS=str(args.threads))
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # big tensors: mmap, unmapped on free
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, __file__, "--worker", "--variant", variant]
-    for key in ("tokens", "vocab", "chunk_tokens", "repeats", "threads", "dtype", "device"):
+    cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--dtype", dtype]
+    for key in ("tokens", "vocab", "hidden", "chunk_tokens", "chunk_vocab", "repeats",
+                "threads", "device"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     procs = [
         subprocess.Popen(cmd, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, text=True)
@@ -184,68 +212,76 @@ def _launch(args, variant: str, tp: int) -> list[dict]:
     for proc in procs:
         out, _ = proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"{variant} TP={tp} worker failed (exit {proc.returncode})")
+            raise RuntimeError(f"{variant} {dtype} TP={tp} worker failed (exit {proc.returncode})")
         results.append(json.loads(out.strip().splitlines()[-1]))
     return results
 
 
+def _default_chunks(args) -> None:
+    """Library defaults scaled by T/8192 and V/128,256: each tile is the same fraction of
+    the logits as at the stated size."""
+    import inspect
+
+    from adadpo_megatron.fused_logprobs import fused_vocab_parallel_logprobs
+
+    params = inspect.signature(fused_vocab_parallel_logprobs).parameters
+    if args.chunk_tokens is None:
+        args.chunk_tokens = max(1, params["chunk_tokens"].default * args.tokens // STATED_TOKENS)
+    if args.chunk_vocab is None:
+        args.chunk_vocab = max(1, params["chunk_vocab"].default * args.vocab // STATED_VOCAB)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048, help="T (stated size: 8192)")
-    parser.add_argument("--vocab", type=int, default=128256, help="global vocabulary V")
-    parser.add_argument(
-        "--chunk-tokens",
-        type=int,
-        default=None,
-        help="ours' chunk; default: the library default scaled by tokens/8192, so that the "
-        "fp32 work block is the same fraction of the logits as at the stated size",
-    )
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tokens", type=int, default=1024, help="T (stated size: 8192)")
+    parser.add_argument("--vocab", type=int, default=32768, help="global vocabulary V")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size H")
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="fused/chunked token chunk; default: the library default x T/8192")
+    parser.add_argument("--chunk-vocab", type=int, default=None,
+                        help="fused vocabulary block; default: the library default x V/128256")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtypes", nargs="+", choices=["bf16", "fp32"], default=["bf16", "fp32"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.chunk_tokens is None:
-        import inspect
-
-        from adadpo_megatron.logprobs import vocab_parallel_logprobs
-
-        default = inspect.signature(vocab_parallel_logprobs).parameters["chunk_tokens"].default
-        args.chunk_tokens = max(1, default * args.tokens // STATED_TOKENS)
+    _default_chunks(args)
     if args.worker:
         worker(args)
         return
     print(
-        f"T={args.tokens} (stated: {STATED_TOKENS}), V={args.vocab}, logits {args.dtype} on "
-        f"{args.device}, ours' chunk_tokens={args.chunk_tokens}, {args.threads} thread(s) per "
-        f"rank, median of {args.repeats} forward+backward runs, fresh processes per variant"
+        f"T={args.tokens}, V={args.vocab}, H={args.hidden} on {args.device}, fused tile "
+        f"[{args.chunk_tokens}, {args.chunk_vocab}], chunked chunk_tokens={args.chunk_tokens}, "
+        f"{args.threads} thread(s) per rank, median of {args.repeats} forward+backward runs, "
+        "fresh processes per variant"
     )
     gib = 1024**3
-    for tp in args.tp:
-        logits_bytes = args.tokens * (args.vocab // tp) * (2 if args.dtype == "bf16" else 4)
-        print(f"\nTP={tp}: logits per rank {logits_bytes / gib:.3f} GiB")
-        print(f"{'variant':>9} {'peak extra GiB':>15} {'x logits':>9} {'time s':>8}  checksum")
-        rows = {}
-        for variant in args.variants:
-            res = _launch(args, variant, tp)
-            peak = max(r["peak"] for r in res)
-            seconds = sorted(max(r["times"][i] for r in res) for i in range(args.repeats))
-            rows[variant] = (peak, seconds[len(seconds) // 2])
-            check = res[0]["checksum"]
-            print(
-                f"{variant:>9} {peak / gib:15.3f} {peak / logits_bytes:9.2f} "
-                f"{rows[variant][1]:8.3f}  sum logp {check[0]:.6e}, |grad| {check[1]:.6e}"
-            )
-        if "ours" in rows:
-            for other in ("naive", "megatron"):
-                if other in rows:
-                    mem = rows["ours"][0] / rows[other][0]
-                    spd = rows["ours"][1] / rows[other][1]
-                    print(f"  ours/{other}: peak extra memory {mem:.3f}, time {spd:.3f}")
+    for dtype in args.dtypes:
+        for tp in args.tp:
+            logits_bf16 = args.tokens * (args.vocab // tp) * 2
+            print(f"\n{dtype}, TP={tp}: bf16 logits per rank {logits_bf16 / gib:.3f} GiB")
+            print(f"{'variant':>9} {'peak GiB':>9} {'work GiB':>9} {'work/logits':>12} "
+                  f"{'time s':>8}  checksum (sum logp, |grad h|, |grad W|)")
+            rows = {}
+            for variant in args.variants:
+                res = _launch(args, variant, tp, dtype)
+                peak = max(r["peak"] for r in res)
+                work = max(r["peak"] - r["grad_bytes"] for r in res)
+                seconds = sorted(max(r["times"][i] for r in res) for i in range(args.repeats))
+                rows[variant] = (work, seconds[len(seconds) // 2])
+                check = ", ".join(f"{c:.6e}" for c in res[0]["checksum"])
+                print(f"{variant:>9} {peak / gib:9.3f} {work / gib:9.3f} "
+                      f"{work / logits_bf16:12.3f} {rows[variant][1]:8.3f}  {check}")
+            for other in ("megatron", "chunked", "naive"):
+                if "fused" in rows and other in rows:
+                    mem = rows["fused"][0] / max(rows[other][0], 1)
+                    spd = rows["fused"][1] / rows[other][1]
+                    print(f"  fused/{other}: work memory {mem:.3f}, time {spd:.3f}")
 
 
 if __name__ == "__main__":
