@@ -128,6 +128,10 @@ def _token_logps(
             "--logprob-impl fused: the model's last stage has no megatron-core output layer "
             "(GPTModel.output_layer) that was called: use --logprob-impl chunked"
         )
+    if output.dtype != held.weight.dtype and output.dtype == torch.float32:
+        # megatron-core's Float16Module upcasts the last stage's output to fp32: the hidden
+        # states were bf16/fp16 (the weight's dtype) a moment ago, so this cast is exact.
+        output = output.to(held.weight.dtype)
     return fused_vocab_parallel_logprobs(output, held.weight, inputs.labels, groups.tp)
 
 
