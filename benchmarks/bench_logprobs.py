@@ -30,9 +30,9 @@ table gives the peak with the two gradients (every variant must return them) and
 *work* memory: the peak minus those gradients' bytes, also as a multiple of the bf16
 logits ``T x V/TP x 2`` bytes (the issue's goal: fused below 0.25).
 
-Usage (one command; CPU defaults a few minutes on one thread):
-    python benchmarks/bench_logprobs.py
-    python benchmarks/bench_logprobs.py --tokens 8192 --vocab 128256 --hidden 4096  # stated
+Usage (one command; the CPU defaults take a few minutes on one thread, ~4 GB of memory):
+    python benchmarks/bench_logprobs.py                     # T=2048, V=128,256, H=256, TP=1
+    python benchmarks/bench_logprobs.py --tokens 8192 --hidden 4096  # stated size (~20 GB)
     python benchmarks/bench_logprobs.py --device cuda --tokens 8192 --vocab 128256 \\
         --hidden 4096 --dtypes bf16                                       # on one GPU
 """
@@ -108,7 +108,7 @@ def _run_variant(name, hidden, weight, targets, weights, group, args):
         from adadpo_megatron.fused_logprobs import fused_vocab_parallel_logprobs
 
         logps = fused_vocab_parallel_logprobs(
-            hidden, weight, targets, group, args.chunk_tokens, args.chunk_vocab
+            hidden, weight, targets, group, args.fused_tokens, args.fused_vocab
         )
         return (logps, *torch.autograd.grad((logps * weights).sum(), [hidden, weight]))
     logits = hidden @ weight.T  # the output layer
@@ -201,8 +201,8 @@ def _launch(args, variant: str, tp: int, dtype: str) -> list[dict]:
     env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # big tensors: mmap, unmapped on free
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--dtype", dtype]
-    for key in ("tokens", "vocab", "hidden", "chunk_tokens", "chunk_vocab", "repeats",
-                "threads", "device"):
+    for key in ("tokens", "vocab", "hidden", "chunk_tokens", "fused_tokens", "fused_vocab",
+                "repeats", "threads", "device"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     procs = [
         subprocess.Popen(cmd, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, text=True)
@@ -218,28 +218,33 @@ def _launch(args, variant: str, tp: int, dtype: str) -> list[dict]:
 
 
 def _default_chunks(args) -> None:
-    """Library defaults scaled by T/8192 and V/128,256: each tile is the same fraction of
-    the logits as at the stated size."""
+    """fused: the library's tile; chunked: the library's chunk scaled by T/8192, so that its
+    fp32 block is the same fraction of the logits as at the stated size (a fused tile does
+    not grow with T: at T < 8192 it is a larger fraction than at the stated size)."""
     import inspect
 
     from adadpo_megatron.fused_logprobs import fused_vocab_parallel_logprobs
+    from adadpo_megatron.logprobs import vocab_parallel_logprobs
 
-    params = inspect.signature(fused_vocab_parallel_logprobs).parameters
+    fused = inspect.signature(fused_vocab_parallel_logprobs).parameters
+    args.fused_tokens = args.fused_tokens or fused["chunk_tokens"].default
+    args.fused_vocab = args.fused_vocab or fused["chunk_vocab"].default
     if args.chunk_tokens is None:
-        args.chunk_tokens = max(1, params["chunk_tokens"].default * args.tokens // STATED_TOKENS)
-    if args.chunk_vocab is None:
-        args.chunk_vocab = max(1, params["chunk_vocab"].default * args.vocab // STATED_VOCAB)
+        default = inspect.signature(vocab_parallel_logprobs).parameters["chunk_tokens"].default
+        args.chunk_tokens = max(1, default * args.tokens // STATED_TOKENS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=1024, help="T (stated size: 8192)")
-    parser.add_argument("--vocab", type=int, default=32768, help="global vocabulary V")
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size H")
+    parser.add_argument("--tokens", type=int, default=2048, help="T (stated size: 8192)")
+    parser.add_argument("--vocab", type=int, default=128256, help="global vocabulary V")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size H")
     parser.add_argument("--chunk-tokens", type=int, default=None,
-                        help="fused/chunked token chunk; default: the library default x T/8192")
-    parser.add_argument("--chunk-vocab", type=int, default=None,
-                        help="fused vocabulary block; default: the library default x V/128256")
+                        help="chunked's chunk; default: its library default x T/8192")
+    parser.add_argument("--fused-tokens", type=int, default=None,
+                        help="fused tile rows; default: the library's chunk_tokens")
+    parser.add_argument("--fused-vocab", type=int, default=None,
+                        help="fused tile columns; default: the library's chunk_vocab")
     parser.add_argument("--tp", type=int, nargs="+", default=[1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
@@ -256,7 +261,7 @@ def main() -> None:
         return
     print(
         f"T={args.tokens}, V={args.vocab}, H={args.hidden} on {args.device}, fused tile "
-        f"[{args.chunk_tokens}, {args.chunk_vocab}], chunked chunk_tokens={args.chunk_tokens}, "
+        f"[{args.fused_tokens}, {args.fused_vocab}], chunked chunk_tokens={args.chunk_tokens}, "
         f"{args.threads} thread(s) per rank, median of {args.repeats} forward+backward runs, "
         "fresh processes per variant"
     )
