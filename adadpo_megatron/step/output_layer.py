@@ -17,9 +17,11 @@ per-token log-probs:
 Written against megatron-core 0.16's ``GPTModel._postprocess``, which calls
 ``self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=...)`` once
 (no MTP) and, with ``labels=None``, returns that output transposed to batch-first; later
-releases (0.17+) keep this call. Multi-token prediction calls the output layer more than
-once and is refused; so is ``defer_embedding_wgrad_compute`` (its deferred weight
-gradient lives inside ``ColumnParallelLinear``'s matmul, which the fused path replaces).
+releases keep this call (read in Megatron-LM's main branch: unchanged, plus a MuP scaling
+of its result and a ``use_fused_lce`` branch that calls the layer differently; both are
+refused here). Multi-token prediction calls the output layer more than once and is
+refused; so is ``defer_embedding_wgrad_compute`` (its deferred weight gradient lives
+inside ``ColumnParallelLinear``'s matmul, which the fused path replaces).
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ def _check_supported(gpt: torch.nn.Module, layer: torch.nn.Module) -> None:
         raise ValueError(
             "--logprob-impl fused cannot defer the output layer's weight gradient "
             "(--defer-embedding-wgrad-compute): use --logprob-impl chunked"
+        )
+    if getattr(config, "use_mup", False):
+        raise ValueError(
+            "--logprob-impl fused: megatron-core scales the output layer's result under MuP "
+            "(use_mup), which would scale the hidden states: use --logprob-impl chunked"
+        )
+    if getattr(gpt, "use_fused_lce", False):
+        raise ValueError(
+            "--logprob-impl fused replaces the output layer; megatron-core's own fused linear "
+            "cross entropy is on (use_fused_lce): turn it off or use --logprob-impl chunked"
         )
     if getattr(layer, "bias", None) is not None:
         raise ValueError(

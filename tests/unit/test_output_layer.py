@@ -94,10 +94,15 @@ def test_bf16_float16module_output_matches_chunked(parallel_state):
                                rtol=0, atol=2**-6)
 
 
-def test_refuses_what_it_cannot_replace(parallel_state):
+@pytest.mark.parametrize("setting", ["defer_embedding_wgrad_compute", "use_mup", "mtp_num_layers",
+                                     "use_fused_lce"])
+def test_refuses_what_it_cannot_replace(parallel_state, setting):
     model = _model(True)
-    model.config.defer_embedding_wgrad_compute = True
-    with pytest.raises(ValueError, match="--logprob-impl chunked"):
+    if setting == "use_fused_lce":
+        model.use_fused_lce = True
+    else:
+        setattr(model.config, setting, 1)
+    with pytest.raises(ValueError, match="--logprob-impl"):
         with hidden_states_instead_of_logits(model):
             pass
     assert "forward" not in model.output_layer.__dict__
