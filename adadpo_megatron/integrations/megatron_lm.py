@@ -4,47 +4,60 @@
 testable parts (``megatron.training`` is not on PyPI, so nothing here imports it):
 
 * :func:`add_args`: the plugin's flags (``--preference-loss``, ``--dpo-beta``, ...,
-  ``--ref-logprobs``) for ``pretrain(..., extra_args_provider=add_args)``. Megatron-LM
-  defines the FP8 flags itself (same names and dests as ``fp8.add_fp8_args``), so they
-  are not added again.
-* :func:`check_args`: what the entry needs from Megatron-LM's flags, checked once.
-* :func:`gpt_options_from_args`, :func:`pack_data_iterator`, :func:`make_forward_step`.
+  ``--ref-logprobs``, ``--ref-load``, ``--log-dir``) for
+  ``pretrain(..., extra_args_provider=add_args)``. Megatron-LM defines the FP8 flags
+  itself (same names and dests as ``fp8.add_fp8_args``), so they are not added again.
+* :func:`check_args`: what the entry needs from Megatron-LM's flags, checked once, before
+  any model is built (the entry calls it first thing in ``model_provider``).
+* :func:`gpt_options_from_args`, :func:`open_packed_dataset`, :func:`make_forward_step`;
+  the data iterators are in ``megatron_lm_data``, the plugin's own metrics output in
+  ``megatron_lm_metrics``.
 
 Contract with Megatron-LM's loop (``megatron/training/training.py``):
 
 * ``--dataloader-type external``: the datasets provider returns iterators that yield
   finished micro-batches (one THD dict per ``next``), built here from the packed
   dataset with our DP-sharded sampler; it is marked ``is_distributed`` so every rank
-  (every TP and PP rank: each pipeline stage pulls its own copy) builds it.
+  (every TP and PP rank: each pipeline stage pulls its own copy) builds it. The training
+  iterator starts at ``args.consumed_train_samples`` (exact resume); the validation
+  iterator restarts at every evaluation.
 * ``--calculate-per-token-loss``: ``loss_func`` returns ``(CP * sum of pair losses,
   pairs, report)``, and megatron-core's ``finalize_model_grads`` divides the gradients by
   the pairs of the whole global batch; so the loss is the mean over pairs however they
   fell into packs, as in ``adadpo-train``.
-* Reference log-probs come precomputed (``--ref-logprobs``); an online reference model
-  needs the second pass of ``adadpo-train`` and is refused here.
+* Reference log-probs: precomputed (``--ref-logprobs``), or online from ``--ref-load``
+  (any torch_dist checkpoint of the same model, Megatron-LM's own included): a frozen
+  copy runs forward-only on each micro-batch just before the policy (PP = 1 only).
+* Dropout must be 0 (``--hidden-dropout 0 --attention-dropout 0``; Megatron-LM's default
+  is 0.1): refused otherwise, because with dropout the policy's log-probs are noisy
+  samples, the step-0 loss is not ln 2 and policy and reference disagree on the same
+  weights; a warning would let a run start whose rewards mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
+from adadpo_megatron.integrations.megatron_lm_data import data_paths
 from adadpo_megatron.trainer.arguments import add_args as _plugin_add_args
 
 __all__ = ["add_args", "check_args", "gpt_options_from_args", "make_forward_step",
-           "pack_data_iterator"]
+           "open_packed_dataset"]
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM ``extra_args_provider``: add the plugin's flags and return ``parser``."""
-    return _plugin_add_args(parser)
+    parser = _plugin_add_args(parser)
+    g = parser.add_argument_group("metrics output (adadpo-megatron)")
+    g.add_argument("--log-dir", default=None,
+                   help="write the plugin's metrics.jsonl here (adadpo-train's names); "
+                        "TensorBoard scalars go to --tensorboard-dir/adadpo")
+    return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the Megatron-LM flag the AdaDPO entry needs but lacks."""
-    from adadpo_megatron.trainer.config import loss_config_from_args
-
+def _check_megatron_flags(args: argparse.Namespace) -> None:
     if getattr(args, "dataloader_type", None) != "external":
         raise ValueError(f"--dataloader-type {getattr(args, 'dataloader_type', None)}: the "
                          "AdaDPO entry feeds packed micro-batches itself; use "
@@ -56,14 +69,47 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--micro-batch-size {args.micro_batch_size} with pipeline "
                          "parallelism: one pack per micro-batch (--micro-batch-size 1), each "
                          "padded to --seq-length")
-    if getattr(args, "ref_load", None):
-        raise ValueError("--ref-load (online reference) is not supported under Megatron-LM's "
-                         "pretrain(): precompute with tools/precompute_ref_logprobs.py and pass "
-                         "--ref-logprobs, or train with adadpo-train")
+    for flag, dest in (("--hidden-dropout", "hidden_dropout"),
+                       ("--attention-dropout", "attention_dropout")):
+        value = getattr(args, dest, 0.0) or 0.0
+        if value > 0:
+            raise ValueError(f"{flag} {value}: preference training needs deterministic "
+                             "log-probs (policy == reference at step 0, loss ln 2); add "
+                             "--hidden-dropout 0 --attention-dropout 0 (Megatron-LM's "
+                             "default is 0.1)")
+    if getattr(args, "rampup_batch_size", None):
+        raise ValueError("--rampup-batch-size: the AdaDPO entry resumes its data at "
+                         "consumed samples / --global-batch-size; use a fixed batch size")
+    for flag, dest in (("--full-validation", "full_validation"),
+                       ("--multiple-validation-sets", "multiple_validation_sets")):
+        if getattr(args, dest, False):
+            raise ValueError(f"{flag} is not supported by the AdaDPO entry: give one "
+                             "--valid-data-path and --eval-iters")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag the AdaDPO entry needs but lacks, or refuses.
+
+    Checks Megatron-LM's flags (data loader, per-token loss, dropout, ...), the plugin's
+    (loss, reference) and the data paths. Cheap: reads no data and builds nothing.
+    """
+    from adadpo_megatron.trainer.config import loss_config_from_args
+
+    _check_megatron_flags(args)
     loss = loss_config_from_args(args)
-    if loss.needs_reference and not getattr(args, "ref_logprobs", None):
+    ref_load, ref_logprobs = getattr(args, "ref_load", None), getattr(args, "ref_logprobs", None)
+    if ref_load and ref_logprobs:
+        raise ValueError("--ref-load and --ref-logprobs both given: choose the online "
+                         "reference or the precomputed side-car")
+    if ref_load and args.pipeline_model_parallel_size > 1:
+        raise ValueError("--ref-load (online reference) with pipeline parallelism is not "
+                         "supported under Megatron-LM's pretrain(): precompute with "
+                         "tools/precompute_ref_logprobs.py and pass --ref-logprobs")
+    if loss.needs_reference and not (ref_load or ref_logprobs):
         raise ValueError(f"--preference-loss {loss.name} needs reference log-probs: pass "
-                         "--ref-logprobs (tools/precompute_ref_logprobs.py)")
+                         "--ref-load CKPT (online; e.g. the SFT checkpoint the run starts "
+                         "from) or --ref-logprobs FILE (tools/precompute_ref_logprobs.py)")
+    data_paths(args)
 
 
 def gpt_options_from_args(args: argparse.Namespace):
@@ -89,93 +135,85 @@ def _prefix_attention(args: argparse.Namespace) -> str | None:
     from adadpo_megatron.data.prefix_layout import LAYOUT_PREFIX_SHARED, layout_kind
     from adadpo_megatron.step.model import default_prefix_attention
 
-    if getattr(args, "data_path", None) is None:
-        return None
-    meta_path = os.path.join(_data_path(args), "meta.json")
+    try:
+        train_path = data_paths(args)[0]
+    except ValueError:
+        return None  # check_args reports the missing or blended data path
+    meta_path = os.path.join(train_path, "meta.json")
     if not os.path.isfile(meta_path):
         return None  # open_packed_dataset reports the missing dataset
     with open(meta_path, encoding="utf-8") as f:
         if layout_kind(json.load(f), meta_path) != LAYOUT_PREFIX_SHARED:
             return None
     if args.context_parallel_size > 1:
-        raise ValueError(f"--data-path {_data_path(args)} is prefix-shared (adadpo-pack "
-                         "--prefix-sharing), which context parallelism does not support: "
+        raise ValueError(f"{train_path} is prefix-shared (adadpo-pack --prefix-sharing), "
+                         "which context parallelism does not support: "
                          "--context-parallel-size 1, or re-pack without --prefix-sharing")
     choice = default_prefix_attention(torch.cuda.is_available())
     if choice != "mask" and getattr(args, "recompute_granularity", None) is not None:
         raise ValueError(f"--recompute-granularity {args.recompute_granularity} with a "
-                         f"prefix-shared --data-path ({choice} attention) is not supported: "
+                         f"prefix-shared {train_path} ({choice} attention) is not supported: "
                          "drop it, or re-pack without --prefix-sharing")
     return choice
 
 
-def _data_path(args: argparse.Namespace) -> str:
-    path = args.data_path
-    if isinstance(path, list | tuple):  # Megatron-LM: --data-path takes a (weighted) list
-        if len(path) != 1:
-            raise ValueError(f"--data-path {' '.join(map(str, path))}: give exactly one packed "
-                             "dataset directory (adadpo-pack output); blends are not supported")
-        path = path[0]
-    return str(path)
-
-
-def open_packed_dataset(args: argparse.Namespace):
-    """``PackedPairDataset`` of ``--data-path`` padded as the layout needs (CP, SP, FP8, PP)."""
+def open_packed_dataset(args: argparse.Namespace, path: str):
+    """``PackedPairDataset`` of ``path`` padded as the layout needs (CP, SP, FP8, PP)."""
     from adadpo_megatron.data.packed_dataset import PackedPairDataset
     from adadpo_megatron.step.fp8 import FP8Settings, pack_multiple
 
     cp, tp = args.context_parallel_size, args.tensor_model_parallel_size
     segment = (2 * cp if cp > 1 else 1) * (tp if args.sequence_parallel else 1)
     pad_to = args.seq_length if args.pipeline_model_parallel_size > 1 else None
-    return PackedPairDataset(_data_path(args), segment_multiple=segment,
+    return PackedPairDataset(path, segment_multiple=segment,
                              pack_multiple=pack_multiple(FP8Settings.from_args(args)),
                              pad_to=pad_to)
 
 
-def pack_data_iterator(dataset, args: argparse.Namespace, *, dp_rank: int, dp_size: int,
-                       reference=None) -> Iterator[dict[str, Any]]:
-    """Endless iterator of micro-batches (THD dicts) for this DP rank, step after step.
-
-    ``dataset``: a ``PackedPairDataset`` (or anything with ``len``/``[i]``); ``reference``:
-    an optional ``PrecomputedReference`` whose sums are attached as ``ref_logps``. Each
-    step yields ``--global-batch-size / (DP * --micro-batch-size)`` micro-batches, the
-    number Megatron-LM's loop pulls per iteration.
-    """
-    from adadpo_megatron.data.sampler import DistributedPackSampler
-    from adadpo_megatron.trainer.loop import collate_packs
-
-    sampler = DistributedPackSampler(
-        len(dataset), global_batch_size=args.global_batch_size, dp_rank=dp_rank,
-        dp_size=dp_size, seed=args.seed, micro_batch_size=args.micro_batch_size)
-    mbs = args.micro_batch_size
-    for ids in sampler:
-        for j in range(0, len(ids), mbs):
-            packs = [dataset[i] for i in ids[j:j + mbs]]
-            if reference is not None:
-                packs = [reference.attach(p) for p in packs]
-            yield collate_packs(packs)
-
-
-def make_forward_step(args: argparse.Namespace, *, use_thd: bool | None = None):
+def make_forward_step(args: argparse.Namespace, *, use_thd: bool | None = None,
+                      reference: Callable[[], Any] | None = None,
+                      metrics: Callable[[], Any] | None = None):
     """``forward_step(data_iterator, model)`` for ``pretrain()`` (per-pair loss mode).
 
     Wraps :func:`adadpo_megatron.step.forward_step.make_forward_step` with the loss
-    from the plugin flags. Built lazily on the first call, after Megatron-LM has set up
-    the parallel state (the wrapped step reads its process groups once).
+    from the plugin flags. ``reference``: optional builder of the frozen online reference
+    (one unwrapped GPTModel; PP = 1), called once; its per-segment log-probs are attached
+    to each micro-batch as ``ref_logps`` before the policy runs. ``metrics``: optional
+    builder of a ``megatron_lm_metrics.StepMetrics`` that receives every report. Built
+    lazily on the first call, after Megatron-LM has set up the parallel state (the wrapped
+    step reads its process groups once).
     """
     from adadpo_megatron.step import forward_step as fs
     from adadpo_megatron.trainer.config import loss_config_from_args
 
     loss_cfg = loss_config_from_args(args)
-    built: list[Any] = []
+    built: dict[str, Any] = {}
 
     def forward_step(data_iterator, model):
         if not built:
             # No StepContext: under --calculate-per-token-loss no global pair count is
             # needed, and without it the loss function refuses to run (no silent G=1).
-            built.append(fs.make_forward_step(
+            built["step"] = fs.make_forward_step(
                 loss_cfg, None, use_thd=use_thd,
-                logprob_impl=getattr(args, "logprob_impl", "fused")))
-        return built[0](data_iterator, model)
+                logprob_impl=getattr(args, "logprob_impl", "fused"))
+            built["reference"] = reference() if reference is not None else None
+            built["metrics"] = metrics() if metrics is not None else None
+        batch = next(data_iterator)
+        if built["reference"] is not None:
+            batch = {**batch, "ref_logps": fs.reference_segment_logps(
+                batch, built["reference"], use_thd=use_thd,
+                logprob_impl=getattr(args, "logprob_impl", "fused"))}
+        output, loss_func = built["step"](iter([batch]), model)
+        collector = built["metrics"]
+        if collector is None:
+            return output, loss_func
+        training = bool(model.training)
+
+        def reporting_loss_func(output_tensor):
+            loss, num_pairs, report = loss_func(output_tensor)
+            collector.add(report, training)
+            return loss, num_pairs, report
+
+        return output, reporting_loss_func
 
     return forward_step

@@ -68,6 +68,7 @@ __all__ = [
     "make_reference_forward_step",
     "attach_reference_logps",
     "reduce_metrics",
+    "reference_segment_logps",
 ]
 
 
@@ -335,6 +336,30 @@ def make_reference_forward_step(*, use_thd: bool | None = None, logprob_impl: st
         return output, functools.partial(_reference_loss_func, inputs, groups, held=held)
 
     return forward_step
+
+
+def reference_segment_logps(
+    batch: Mapping[str, Any], model: torch.nn.Module, *, use_thd: bool | None = None,
+    logprob_impl: str = "fused",
+) -> torch.Tensor:
+    """Per-segment log-prob sums (fp32 ``[S]``) of one micro-batch under a frozen ``model``.
+
+    Runs ``model`` (a whole, unwrapped GPTModel: no pipeline parallelism) forward-only on
+    ``batch`` without a schedule, through the same input preparation and log-prob code as
+    the policy (TP collectives in ``vocab_parallel_logprobs``, the CP all-reduce in
+    ``segment_logprob_sums``; ``logprob_impl`` as for :func:`make_forward_step`). The online
+    reference of Megatron-LM's ``pretrain()`` entry.
+    """
+    from adadpo_megatron.step.model import transformer_engine_usable
+
+    if use_thd is None:
+        use_thd = transformer_engine_usable()
+    _check_impl(logprob_impl)
+    groups = _groups_from_megatron()
+    with torch.no_grad():
+        inputs, output, held = _run_model(batch, model, use_thd, groups, logprob_impl)
+        sums = _reference_loss_func(inputs, groups, output, non_loss_data=True, held=held)
+    return sums.detach().float()
 
 
 def attach_reference_logps(

@@ -296,17 +296,31 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
             "skipped_in_a_row": int(loaded.get("skipped_in_a_row", 0))}
 
 
+def _is_torch_dist(ckpt: str) -> bool:
+    """True when ``ckpt`` is a megatron-core dist-checkpoint in the torch_dist format."""
+    try:
+        with open(os.path.join(ckpt, "metadata.json"), encoding="utf-8") as f:
+            return json.load(f).get("sharded_backend") == "torch_dist"
+    except (OSError, ValueError):
+        return False
+
+
 def load_model_weights(root: str, chunks: list[torch.nn.Module], *,
                        source: str = "model") -> int:
     """Load only model weights from ``root``'s latest checkpoint into ``chunks``.
 
-    Used for ``--finetune``, ``--ref-load`` and precomputing reference log-probs.
+    Used for ``--finetune``, ``--ref-load`` and precomputing reference log-probs. Reads
+    adadpo-megatron checkpoints and any torch_dist checkpoint of the same model without
+    ``adadpo_meta.json`` (Megatron-LM's ``--ckpt-format torch_dist``, its default).
     ``source`` is ``"model"`` (the policy) or ``"reference"``. Any TP/PP layout the
     checkpoint can be resharded to works. Returns the checkpoint's iteration.
     """
     iteration = latest_iteration(root)
     ckpt = _iter_dir(root, iteration)
-    _read_meta(ckpt)
+    if os.path.isfile(os.path.join(ckpt, META)) or not _is_torch_dist(ckpt):
+        _read_meta(ckpt)  # ours: checked; neither ours nor torch_dist: refused with why
+    # else a torch_dist checkpoint another program wrote (Megatron-LM's pretrain(), e.g. an
+    # SFT model): its model tensors carry the same sharded keys as ours.
     prefix = "" if source == "model" else f"{source}."
     loaded = _load(_model_sharded(chunks, source), ckpt)
     for i, chunk in enumerate(chunks):

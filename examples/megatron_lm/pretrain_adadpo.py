@@ -18,6 +18,7 @@ pieces tested) without Megatron-LM.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 
@@ -33,14 +34,33 @@ def _megatron_args():
     return get_args()
 
 
-def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None, **_):
-    """One GPTModel chunk from Megatron-LM's flags (TE spec under --transformer-impl
-    transformer_engine, the local spec otherwise)."""
+def _fail(message: str) -> None:
+    """One line on stderr (rank 0) and exit status 2: a bad flag stops every rank."""
+    import torch
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"pretrain_adadpo.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+_CHECKED = []
+
+
+def _check_once(args) -> None:
+    if not _CHECKED:
+        try:
+            megatron_lm.check_args(args)
+            megatron_lm.gpt_options_from_args(args)  # the dataset's layout vs CP, recompute
+        except ValueError as e:
+            _fail(str(e))
+        _CHECKED.append(True)
+
+
+def _gpt(args, pre_process: bool = True, post_process: bool = True, vp_stage=None):
     from megatron.training.arguments import core_transformer_config_from_args
 
     from adadpo_megatron.step.model import build_gpt_model
 
-    args = _megatron_args()
     config = core_transformer_config_from_args(args)
     config.adadpo_gpt_options = megatron_lm.gpt_options_from_args(args)
     return build_gpt_model(
@@ -49,27 +69,71 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         use_te=getattr(args, "transformer_impl", "local") == "transformer_engine")
 
 
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None, **_):
+    """One GPTModel chunk from Megatron-LM's flags (TE spec under --transformer-impl
+    transformer_engine, the local spec otherwise). Checks every flag first, so a bad one
+    fails before any model is built."""
+    args = _megatron_args()
+    _check_once(args)
+    return _gpt(args, pre_process, post_process, vp_stage)
+
+
+def _online_reference():
+    """The frozen reference: the same model, weights from --ref-load (torch_dist)."""
+    from adadpo_megatron.step.reference import build_online_reference
+
+    args = _megatron_args()
+    chunks = build_online_reference(lambda: [_gpt(args)], [None], args.ref_load)
+    return chunks[0]
+
+
+def _step_metrics():
+    """The plugin's metrics writer (metrics.jsonl, TensorBoard, log line) for this run."""
+    from megatron.core import parallel_state as ps
+
+    from adadpo_megatron.integrations.megatron_lm_data import microbatches_per_step
+    from adadpo_megatron.integrations.megatron_lm_metrics import StepMetrics
+    from adadpo_megatron.trainer.loop import _is_logging_rank
+    from adadpo_megatron.trainer.metrics import MetricsWriter
+
+    args = _megatron_args()
+    start = int(args.consumed_train_samples or 0) // args.global_batch_size
+    tb = os.path.join(args.tensorboard_dir, "adadpo") if args.tensorboard_dir else None
+    writer = MetricsWriter(enabled=_is_logging_rank(), log_dir=args.log_dir,
+                           tensorboard_dir=tb, start_step=start)
+    atexit.register(writer.close)
+    m = microbatches_per_step(args, ps.get_data_parallel_world_size())
+    return StepMetrics(writer=writer, step_fn=lambda: int(args.curr_iteration) + 1,
+                       train_iters=args.train_iters, train_period=m,
+                       eval_period=max(1, int(args.eval_iters or 0)) * m)
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples):
     """External data iterators (``--dataloader-type external``): train, valid, no test."""
     from megatron.core import parallel_state as ps
 
+    from adadpo_megatron.integrations import megatron_lm_data as data
     from adadpo_megatron.step.reference import PrecomputedReference, default_sidecar_path
 
     args = _megatron_args()
-    megatron_lm.check_args(args)
+    _check_once(args)
     dp = {"dp_rank": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size()}
-    train = megatron_lm.open_packed_dataset(args)
-    ref = (PrecomputedReference(args.ref_logprobs, train.fingerprint, train.num_pairs)
-           if args.ref_logprobs else None)
-    train_iter = megatron_lm.pack_data_iterator(train, args, reference=ref, **dp)
-    valid_iter = None
-    eval_path = (getattr(args, "valid_data_path", None) or [None])[0]  # Megatron-LM: a list
-    if eval_path:
-        args_eval = type(args)(**{**vars(args), "data_path": eval_path})
-        valid = megatron_lm.open_packed_dataset(args_eval)
-        valid_ref = (PrecomputedReference(default_sidecar_path(eval_path), valid.fingerprint,
-                                          valid.num_pairs) if ref is not None else None)
-        valid_iter = megatron_lm.pack_data_iterator(valid, args_eval, reference=valid_ref, **dp)
+    try:
+        train_path, valid_path = data.data_paths(args)
+        train = megatron_lm.open_packed_dataset(args, train_path)
+        ref = (PrecomputedReference(args.ref_logprobs, train.fingerprint, train.num_pairs)
+               if args.ref_logprobs else None)
+        train_iter = data.train_iterator(train, args, attach=ref and ref.attach, **dp)
+        valid_iter = None
+        if valid_path and args.eval_iters:
+            valid = megatron_lm.open_packed_dataset(args, valid_path)
+            valid_ref = (PrecomputedReference(default_sidecar_path(valid_path),
+                                              valid.fingerprint, valid.num_pairs)
+                         if ref is not None else None)
+            valid_iter = data.eval_iterator(valid, args, attach=valid_ref and valid_ref.attach,
+                                            **dp)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
     return train_iter, valid_iter, None
 
 
@@ -83,7 +147,10 @@ _FORWARD_STEP = []
 def forward_step(data_iterator, model):
     """Megatron-LM's forward_step_func: (output, loss_func) from our THD forward step."""
     if not _FORWARD_STEP:
-        _FORWARD_STEP.append(megatron_lm.make_forward_step(_megatron_args()))
+        args = _megatron_args()
+        _FORWARD_STEP.append(megatron_lm.make_forward_step(
+            args, reference=_online_reference if args.ref_load else None,
+            metrics=_step_metrics))
     return _FORWARD_STEP[0](data_iterator, model)
 
 

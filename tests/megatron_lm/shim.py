@@ -58,7 +58,6 @@ def _stub_triton() -> None:
 def _patch_megatron_lm() -> None:
     """Patches on ``megatron.training`` (each with its reason)."""
     import torch
-
     from megatron.core import parallel_state as mpu
     from megatron.training import initialize, training
 

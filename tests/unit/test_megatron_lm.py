@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from adadpo_megatron.integrations import megatron_lm
+from adadpo_megatron.integrations.megatron_lm_data import data_paths, train_iterator
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,10 @@ def megatron_lm_like_parser() -> argparse.ArgumentParser:
         "--seq-length": {"type": int, "default": None},
         "--seed": {"type": int, "default": 1234},
         "--data-path": {"nargs": "*", "default": None},
+        "--train-data-path": {"nargs": "*", "default": None},
+        "--valid-data-path": {"nargs": "*", "default": None},
+        "--hidden-dropout": {"type": float, "default": 0.1},
+        "--attention-dropout": {"type": float, "default": 0.1},
         "--dataloader-type": {"default": None, "choices": ["single", "cyclic", "external"]},
         "--calculate-per-token-loss": {"action": "store_true"},
         "--position-embedding-type": {"default": "learned_absolute"},
@@ -49,7 +54,7 @@ RECIPE = [
     "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",
     "--micro-batch-size", "1", "--global-batch-size", "128", "--seq-length", "8192",
     "--data-path", "/data/pack", "--dataloader-type", "external", "--calculate-per-token-loss",
-    "--fp8-format", "hybrid", "--lr", "5e-7",
+    "--fp8-format", "hybrid", "--lr", "5e-7", "--hidden-dropout", "0", "--attention-dropout", "0",
     "--preference-loss", "adadpo", "--dpo-beta", "0.1", "--adadpo-space", "ratio",
     "--ref-logprobs", "/data/pack/ref.npz",
 ]
@@ -68,7 +73,9 @@ def test_plugin_flags_sit_beside_megatron_lm_flags() -> None:
     loss = loss_config_from_args(args)
     assert (loss.name, loss.beta, loss.balance_space) == ("adadpo", 0.1, "ratio")
     assert FP8Settings.from_args(args).format == "hybrid"  # Megatron-LM's own FP8 flags
-    assert megatron_lm._data_path(args) == "/data/pack"
+    assert data_paths(args) == ("/data/pack", None)
+    args = _recipe_args("--data-path", "--train-data-path", "/t", "--valid-data-path", "/v")
+    assert data_paths(args) == ("/t", "/v")
 
 
 @pytest.mark.parametrize(
@@ -76,16 +83,15 @@ def test_plugin_flags_sit_beside_megatron_lm_flags() -> None:
     [
         (["--dataloader-type", "single"], "--dataloader-type external"),
         (["--micro-batch-size", "2"], "--micro-batch-size 1"),
-        (["--ref-load", "/ckpt"], "--ref-load"),
-        (["--data-path", "a", "b"], None),
+        (["--ref-load", "/ckpt"], "--ref-load and --ref-logprobs"),
+        (["--hidden-dropout", "0.1"], "--hidden-dropout 0.1"),
+        (["--attention-dropout", "0.05"], "--attention-dropout 0.05"),
+        (["--data-path"], "no training data"),
+        (["--data-path", "a", "b"], "exactly one"),
     ],
 )
 def test_check_args_names_the_flag(change: list[str], message: str | None) -> None:
     args = _recipe_args(*change)
-    if message is None:  # a blend of datasets: refused when the dataset is opened
-        with pytest.raises(ValueError, match="exactly one"):
-            megatron_lm._data_path(args)
-        return
     with pytest.raises(ValueError, match=message):
         megatron_lm.check_args(args)
 
@@ -100,6 +106,11 @@ def test_check_args_needs_per_token_loss_and_reference() -> None:
         megatron_lm.check_args(args)
     megatron_lm.check_args(_recipe_args("--preference-loss", "simpo", "--adadpo-space", "policy",
                                          "--ref-logprobs", ""))
+    # The online reference from a checkpoint: fine at PP=1, refused under PP.
+    megatron_lm.check_args(_recipe_args("--ref-logprobs", "", "--ref-load", "/ckpt",
+                                        "--pipeline-model-parallel-size", "1"))
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        megatron_lm.check_args(_recipe_args("--ref-logprobs", "", "--ref-load", "/ckpt"))
 
 
 def _pack(pair_ids: list[int], lengths: list[int]) -> dict:
@@ -129,12 +140,21 @@ def test_data_iterator_shards_steps_over_dp() -> None:
     args = argparse.Namespace(global_batch_size=4, micro_batch_size=1, seed=5)
     seen = []
     for rank in range(2):
-        it = megatron_lm.pack_data_iterator(dataset, args, dp_rank=rank, dp_size=2,
-                                            reference=_FakeReference())
+        it = train_iterator(dataset, args, dp_rank=rank, dp_size=2,
+                            attach=_FakeReference().attach)
         step = [next(it) for _ in range(2)]  # GBS / (DP * MBS) micro-batches per step
         seen += [int(mb["pair_index"][0]) for mb in step]
         assert all(torch.equal(mb["ref_logps"], -mb["pair_index"].float()) for mb in step)
     assert len(set(seen)) == 4  # one step: four different packs over the two DP ranks
+    # Resume: after 3 consumed steps the iterator starts at step 4 of the same order.
+    fresh = train_iterator(dataset, args, dp_rank=0, dp_size=1)
+    order = [int(next(fresh)["pair_index"][0]) for _ in range(16)]
+    resumed = train_iterator(dataset, argparse.Namespace(**vars(args), consumed_train_samples=12),
+                             dp_rank=0, dp_size=1)
+    assert [int(next(resumed)["pair_index"][0]) for _ in range(4)] == order[12:16]
+    with pytest.raises(ValueError, match="not a multiple of --global-batch-size 4"):
+        train_iterator(dataset, argparse.Namespace(**vars(args), consumed_train_samples=6),
+                       dp_rank=0, dp_size=1)
 
 
 @pytest.mark.parametrize("impl", ["fused", "chunked"])

@@ -1,0 +1,88 @@
+"""The plugin's own metrics under Megatron-LM's ``pretrain()``.
+
+Megatron-LM's console line prints a reported value only when its average is above 0
+(``training_log``: ``if avg > 0.0``), so ``logps/*``, negative rewards and margins and a
+zero ``adadpo/clip_frac`` never show there, and it would average ``adadpo/coef_max``
+over micro-batches and DP ranks (the mean of per-micro-batch maxima). So the plugin
+writes its metrics itself, with ``adadpo-train``'s names, format and values
+(``trainer.metrics.MetricsWriter``): a log line, ``--log-dir/metrics.jsonl`` and
+TensorBoard scalars under ``--tensorboard-dir/adadpo`` (a separate run beside
+Megatron-LM's own scalars).
+
+How: :class:`StepMetrics` sees every ``loss_func`` report on the last pipeline stage.
+After the last micro-batch of a training step (``M`` reports) or of an evaluation
+(``--eval-iters * M``), it reduces them once over DP x CP with
+``forward_step.reduce_metrics`` (a collective among the last-stage ranks, which all
+reach that micro-batch together) and writes the record for step
+``args.curr_iteration + 1``. It then rewrites, in place, the ``max`` metrics of the
+step's reports (still held by Megatron-LM's schedule, reduced only after the last
+micro-batch): ``[global max, 1]`` in the last report, ``[0, 0]`` in the others, so
+Megatron-LM's sum-over-sum reduction shows the true maximum on its own line too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["StepMetrics"]
+
+
+class StepMetrics:
+    """Collects one step's (or one evaluation's) reports and writes the reduced record.
+
+    Args:
+        writer: a ``MetricsWriter`` (enabled on the logging rank only).
+        step_fn: returns the number of the step being run (from 1).
+        train_iters: ``--train-iters`` (for the log line).
+        train_period: ``M``, reports per training step on this rank.
+        eval_period: reports per evaluation on this rank (``--eval-iters * M``).
+    """
+
+    def __init__(self, *, writer: Any, step_fn: Callable[[], int], train_iters: int,
+                 train_period: int, eval_period: int) -> None:
+        self.writer = writer
+        self.step_fn = step_fn
+        self.train_iters = train_iters
+        self.periods = {True: train_period, False: eval_period}
+        self.pending: dict[bool, list[dict[str, torch.Tensor]]] = {True: [], False: []}
+        self.last: dict[bool, dict[str, float]] = {}
+        """The last written record of each kind (True: training, False: evaluation)."""
+
+    def add(self, report: dict[str, torch.Tensor], training: bool) -> None:
+        """Record one micro-batch's report; after the period's last one, reduce and write."""
+        reports = self.pending[training]
+        reports.append(report)
+        if len(reports) < self.periods[training]:
+            return
+        self.pending[training] = []
+        self._flush(reports, training)
+
+    def _flush(self, reports: list[dict[str, torch.Tensor]], training: bool) -> None:
+        from adadpo_megatron.losses import metric_reduction
+        from adadpo_megatron.step.forward_step import reduce_metrics
+
+        reduced = reduce_metrics(reports)
+        for name, value in reduced.items():
+            if metric_reduction(name) == "max":
+                for r in reports:
+                    r[name].zero_()
+                reports[-1][name][0] = value
+                reports[-1][name][1] = 1.0
+        metrics = {k: float(v) for k, v in reduced.items()}
+        metrics["pairs"] = _pairs(reports)
+        if not training:
+            metrics = {f"eval/{k}": v for k, v in metrics.items()}
+        self.last[training] = metrics
+        self.writer.log(self.step_fn(), self.train_iters, metrics)
+
+
+def _pairs(reports: list[dict[str, torch.Tensor]]) -> float:
+    """Pairs in the global batch: the all-reduced count of ``loss`` (one per pair)."""
+    from megatron.core import parallel_state as ps
+
+    n = torch.stack([r["loss"][1] for r in reports]).sum().reshape(1).double()
+    torch.distributed.all_reduce(n, group=ps.get_data_parallel_group(with_context_parallel=False))
+    return float(n[0])
