@@ -44,7 +44,8 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
         "hf": ["transformers>=4.45", "gguf>=0.10", "accelerate", "safetensors"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5"],
+        # tensorboard: the Megatron-LM suite reads the plugin's TensorBoard scalars back.
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.14"],
     },
     entry_points={
         "console_scripts": [

@@ -72,8 +72,9 @@ class StepMetrics:
                 reports[-1][name][0] = value
                 reports[-1][name][1] = 1.0
         metrics = {k: float(v) for k, v in reduced.items()}
-        metrics["pairs"] = _pairs(reports)
-        if not training:
+        if training:  # as adadpo-train: pairs of the step's global batch
+            metrics["pairs"] = _pairs(reports)
+        else:
             metrics = {f"eval/{k}": v for k, v in metrics.items()}
         self.last[training] = metrics
         self.writer.log(self.step_fn(), self.train_iters, metrics)

@@ -37,8 +37,9 @@ __all__ = ["MetricsWriter", "format_log_line"]
 
 _LINE_ORDER = ("loss", "lr", "grad_norm", "tokens_per_s", "pairs_per_s", "packing_efficiency",
                "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
-               "logps/chosen", "logps/rejected", "adadpo/coef_mean", "adadpo/clip_frac",
-               "balance/grad_ratio", "skipped_steps")
+               "logps/chosen", "logps/rejected", "adadpo/coef_mean", "adadpo/coef_max",
+               "adadpo/clip_frac", "balance/grad_ratio", "balance/log_grad_ratio",
+               "skipped_steps")
 
 
 def _fmt(name: str, value: Any) -> str:
