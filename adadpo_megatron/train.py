@@ -275,9 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_distributed(cfg)
         _write_config(cfg)
         run = build_run(cfg)
+        from adadpo_megatron.trainer.exits import ExitConfig, ExitPolicy
+
+        run.exits = ExitPolicy(cfg.exits or ExitConfig())
         try:
             train(run)
         finally:
+            run.exits.restore()
             run.writer.close()
     except (ConfigError, CheckpointError, SidecarError) as e:
         print(f"adadpo-train: error: {e}", file=sys.stderr)

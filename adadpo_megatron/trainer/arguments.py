@@ -206,6 +206,7 @@ def _add_logging_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's full parser: Megatron-LM-named flags, plugin flags, FP8 flags, --config."""
     from adadpo_megatron.step.fp8 import add_fp8_args
+    from adadpo_megatron.trainer.exits import add_exit_args
 
     p = argparse.ArgumentParser(
         prog="adadpo-train",
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(p)
     add_args(p)
     add_fp8_args(p)
+    add_exit_args(p)
     return p
 
 

@@ -85,6 +85,8 @@ class Run:
     """Save the reference weights in checkpoints (online reference from initial weights)."""
     on_step: Callable[[int, dict[str, Any]], None] | None = None
     """Optional callback(step, metrics) on every rank (tests use it)."""
+    exits: Any = None
+    """exits.ExitPolicy: --exit-interval, --exit-duration-in-mins, --exit-signal-handler."""
 
 
 def _iterators(run_model: list[torch.nn.Module], microbatches: list[dict[str, Any]]) -> Any:
@@ -303,5 +305,13 @@ def train(run: Run) -> None:
         if run.eval_data is not None and (
                 (cfg.io.eval_interval and step % cfg.io.eval_interval == 0) or last):
             run.writer.log(step, cfg.training.train_iters, evaluate(run))
-        if cfg.io.save and ((cfg.io.save_interval and step % cfg.io.save_interval == 0) or last):
+        saved = bool(cfg.io.save and ((cfg.io.save_interval and step % cfg.io.save_interval == 0)
+                                      or last))
+        if saved:
             _save(run)
+        reason = run.exits.reason(step) if run.exits is not None and not last else None
+        if reason:  # Megatron-LM's exits: the step is finished; save and return (exit 0)
+            if cfg.io.save and not saved:
+                _save(run)
+            run.writer.message(f"exiting after step {step}: {reason}")
+            return

@@ -54,10 +54,14 @@ def _env(megatron_lm_path: str) -> dict[str, str]:
 
 def torchrun(nproc: int, script: list[str], env: dict[str, str], timeout: float = 300):
     """Run ``torchrun --nproc-per-node NPROC SCRIPT...`` from the repository root."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *script]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    for _ in range(3):  # another job on the machine may take the free port first
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", *script]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=REPO)
+        if "EADDRINUSE" not in proc.stderr:
+            break
+    return proc
 
 
 def pretrain(megatron_lm_path: str, nproc: int, *flags: str, check: bool = True):
