@@ -18,6 +18,13 @@
 : "${ADADPO_70B_SAVE:=/checkpoints/adadpo-llama3-70b}"
 : "${ADADPO_70B_TRAIN_ITERS:=480}"   # optimizer steps (e.g. ~61k pairs / 128 per step)
 
+# A requeued job resumes from its own last checkpoint; a new one starts from the SFT model.
+if [[ -f "${ADADPO_70B_SAVE}/latest_checkpointed_iteration.txt" ]]; then
+  ADADPO_70B_LOAD=(--load "${ADADPO_70B_SAVE}")
+else
+  ADADPO_70B_LOAD=(--load "${ADADPO_70B_INIT}" --finetune)
+fi
+
 ADADPO_70B_FLAGS=(
   # model: Llama-3-70B (GQA 64/8, SwiGLU, RMSNorm, RoPE 500k, untied embeddings, no biases)
   --num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672
@@ -46,8 +53,10 @@ ADADPO_70B_FLAGS=(
   --ref-logprobs "${ADADPO_70B_REF}"
   # data, checkpoints, logs
   --data-path "${ADADPO_70B_DATA}"
-  --load "${ADADPO_70B_INIT}" --finetune
+  "${ADADPO_70B_LOAD[@]}"
   --save "${ADADPO_70B_SAVE}" --save-interval 100
+  # SIGTERM (Slurm's warning before the time limit): finish the step, save, exit 0
+  --exit-signal-handler
   --log-interval 1 --log-dir "${ADADPO_70B_SAVE}/logs"
 )
 

@@ -22,6 +22,9 @@ source "${HERE}/flags.sh"
 export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
 # Megatron's TP/SP communication overlap needs kernels queued in order.
 export CUDA_DEVICE_MAX_CONNECTIONS=1
+# torchrun forwards SIGTERM to its workers, then kills them after this many seconds: leave
+# time to finish the step and write the checkpoint (--exit-signal-handler).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}"
 
 if [[ "${NODE_RANK}" == "0" && "${SKIP_PLAN:-0}" != "1" ]]; then
   python "${REPO}/tools/plan_parallel.py" "${ADADPO_70B_FLAGS[@]}" "${PLAN_70B_FLAGS[@]}" \
