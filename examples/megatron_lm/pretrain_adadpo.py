@@ -121,6 +121,11 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     try:
         train_path, valid_path = data.data_paths(args)
         train = megatron_lm.open_packed_dataset(args, train_path)
+        vocab = int(train.meta["tokenizer"]["vocab_size"])
+        if vocab > args.padded_vocab_size:
+            raise ValueError(f"{train_path} was packed with a {vocab}-token vocabulary but the "
+                             f"model has {args.padded_vocab_size} rows: give Megatron-LM the "
+                             "same tokenizer (--tokenizer-type/--tokenizer-model)")
         ref = (PrecomputedReference(args.ref_logprobs, train.fingerprint, train.num_pairs)
                if args.ref_logprobs else None)
         train_iter = data.train_iterator(train, args, attach=ref and ref.attach, **dp)
