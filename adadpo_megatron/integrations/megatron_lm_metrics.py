@@ -39,11 +39,14 @@ class StepMetrics:
         train_iters: ``--train-iters`` (for the log line).
         train_period: ``M``, reports per training step on this rank.
         eval_period: reports per evaluation on this rank (``--eval-iters * M``).
+        log_interval: write training records every this many steps (``--log-interval``)
+            and at the last step, as adadpo-train does; evaluations are always written.
     """
 
     def __init__(self, *, writer: Any, step_fn: Callable[[], int], train_iters: int,
-                 train_period: int, eval_period: int) -> None:
+                 train_period: int, eval_period: int, log_interval: int = 1) -> None:
         self.writer = writer
+        self.log_interval = max(1, int(log_interval))
         self.step_fn = step_fn
         self.train_iters = train_iters
         self.periods = {True: train_period, False: eval_period}
@@ -77,7 +80,9 @@ class StepMetrics:
         else:
             metrics = {f"eval/{k}": v for k, v in metrics.items()}
         self.last[training] = metrics
-        self.writer.log(self.step_fn(), self.train_iters, metrics)
+        step = self.step_fn()
+        if not training or step % self.log_interval == 0 or step >= self.train_iters:
+            self.writer.log(step, self.train_iters, metrics)
 
 
 def _pairs(reports: list[dict[str, torch.Tensor]]) -> float:

@@ -103,9 +103,12 @@ def _step_metrics():
                            tensorboard_dir=tb, start_step=start)
     atexit.register(writer.close)
     m = microbatches_per_step(args, ps.get_data_parallel_world_size())
-    return StepMetrics(writer=writer, step_fn=lambda: int(args.curr_iteration) + 1,
-                       train_iters=args.train_iters, train_period=m,
-                       eval_period=max(1, int(args.eval_iters or 0)) * m)
+    # Megatron-LM sets args.curr_iteration to the steps done before the one running (and
+    # keeps it through the evaluations that follow that step); --skip-train never sets it.
+    return StepMetrics(
+        writer=writer, step_fn=lambda: int(getattr(args, "curr_iteration", start)) + 1,
+        train_iters=args.train_iters, train_period=m,
+        eval_period=max(1, int(args.eval_iters or 0)) * m, log_interval=args.log_interval)
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):
