@@ -106,7 +106,7 @@ def _step_metrics():
     # Megatron-LM sets args.curr_iteration to the steps done before the one running (and
     # keeps it through the evaluations that follow that step); --skip-train never sets it.
     return StepMetrics(
-        writer=writer, step_fn=lambda: int(getattr(args, "curr_iteration", start)) + 1,
+        writer=writer, step_fn=lambda: int(getattr(args, "curr_iteration", start - 1)) + 1,
         train_iters=args.train_iters, train_period=m,
         eval_period=max(1, int(args.eval_iters or 0)) * m, log_interval=args.log_interval)
 

@@ -214,3 +214,41 @@ def test_example_imports_without_megatron_lm() -> None:
     if importlib.util.find_spec("megatron.training") is None:
         with pytest.raises(ModuleNotFoundError, match="megatron.training"):
             module.main()
+
+
+def test_step_metrics_reduce_write_and_fix_the_max_for_megatron_lm() -> None:
+    from megatron.core import parallel_state
+
+    from adadpo_megatron.integrations.megatron_lm_metrics import StepMetrics
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
+
+    class Writer:
+        logged: list = []
+
+        def log(self, step, train_iters, metrics):
+            self.logged.append((step, metrics))
+
+    def report(loss_sum, pairs, coef_max):
+        return {"loss": torch.tensor([loss_sum, pairs]),
+                "adadpo/coef_max": torch.tensor([coef_max, 1.0])}
+
+    initialize_model_parallel_cpu(tp=1, pp=1)
+    try:
+        step = [1]
+        writer = Writer()
+        metrics = StepMetrics(writer=writer, step_fn=lambda: step[0], train_iters=3,
+                              train_period=2, eval_period=2, log_interval=2)
+        for step[0] in (1, 2, 3):
+            reports = [report(1.0, 2.0, 1.5), report(-4.0, 3.0, 1.25)]
+            for r in reports:
+                metrics.add(r, training=True)
+            # Megatron-LM sums [sum, count] over micro-batches: the max now comes out whole.
+            total = reports[0]["adadpo/coef_max"] + reports[1]["adadpo/coef_max"]
+            assert float(total[0] / total[1]) == 1.5
+        metrics.add(report(2.0, 1.0, 2.0), training=False)
+        metrics.add(report(0.0, 1.0, 1.0), training=False)
+        assert [s for s, _ in writer.logged] == [2, 3, 3]  # --log-interval 2, the last step
+        assert writer.logged[0][1] == pytest.approx({"loss": -0.6, "adadpo/coef_max": 1.5, "pairs": 5.0})
+        assert writer.logged[2][1] == {"eval/loss": 1.0, "eval/adadpo/coef_max": 2.0}
+    finally:
+        parallel_state.destroy_model_parallel()
