@@ -239,7 +239,7 @@ def test_step_metrics_reduce_write_and_fix_the_max_for_megatron_lm() -> None:
         metrics = StepMetrics(writer=writer, step_fn=lambda: step[0], train_iters=3,
                               train_period=2, eval_period=2, log_interval=2)
         for step[0] in (1, 2, 3):
-            reports = [report(1.0, 2.0, 1.5), report(-4.0, 3.0, 1.25)]
+            reports = [report(1.0, 2.0, 1.25), report(-4.0, 3.0, 1.5)]
             for r in reports:
                 metrics.add(r, training=True)
             # Megatron-LM sums [sum, count] over micro-batches: the max now comes out whole.
