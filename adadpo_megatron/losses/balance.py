@@ -16,7 +16,8 @@ Symbols (per pair, tensors [N]): ``a = pol`` (space ``policy``) or ``a = rho``
 
 Beyond C, ``|log k|`` is always kept below :func:`log_limit` (22.2 in fp32, 177 in
 fp64) so that ``k``, the loss and its gradient stay finite even with ``C = inf``;
-this only binds when one side is more than ~4e9 times as likely as the other (fp32).
+this only binds when one side is more than ~4e9 times as likely as the other (fp32), and
+it is not the clip: `adadpo/clip_frac` counts only the clip C (:func:`clip_binds`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch
 
 from adadpo_megatron.losses.registry import LossSpec, PairInputs
 
-__all__ = ["log_limit", "log1mexp", "balance_score", "log_balance_coef", "grad_ratio_log"]
+__all__ = [
+    "log_limit", "log1mexp", "balance_score", "log_balance_coef", "clip_binds", "grad_ratio_log",
+]
 
 
 def log_limit(dtype: torch.dtype) -> float:
@@ -48,17 +51,44 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor of ``x``'s shape and dtype.
     """
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near_zero = x > -math.log(2.0)
+    # Each branch sees only inputs it is stable on, so the unused one cannot put
+    # inf * 0 = NaN into the gradient (log1p(-exp(x)) has slope -inf as x -> 0).
+    small = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    large = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, small, large)
 
 
 def mean_logprob(pol: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """``pol/len``, the log of the geometric-mean token probability, kept below ``-eps``.
+    """``pol/len``, the log of the geometric-mean token probability, kept strictly below 0.
 
-    The bound (``eps`` of the dtype) only matters when the model gives every token
-    probability 1 to within rounding; it keeps ``log(1 - P)`` (ORPO's odds) finite.
-    Its gradient there is 0, since the odds are saturated.
+    Args:
+        pol: summed completion log-probs [N] (float, <= 0).
+        length: completion token counts [N].
+
+    Returns:
+        ``u = pol/len`` [N], same dtype.  Only where ``u`` is exactly 0 (every token of
+        probability 1 to within rounding; or, impossible for a log-prob, above 0) it is
+        replaced by ``-finfo.tiny``, which keeps ``log(1 - P)`` (ORPO's odds) finite; the
+        gradient there is 0, since the odds are saturated.  Every representable negative
+        ``u`` passes through unchanged, with its gradient (LOSSES.md).
     """
-    return torch.clamp(pol / length, max=-torch.finfo(pol.dtype).eps)
+    u = pol / length
+    return torch.where(u < 0, u, torch.full_like(u, -torch.finfo(u.dtype).tiny))
+
+
+def clip_binds(s: torch.Tensor, clip: float, mode: str) -> torch.Tensor:
+    """Where the clip bound ``C`` binds [N] bool: ``s > log C``, or also ``s < -log C`` (mode both).
+
+    The numerical guard of :func:`log_balance_coef` (``|log k| <= log_limit``) is not the
+    clip and is not counted, so the result is the same in every dtype; with ``C = inf``
+    it is all False.
+    """
+    log_c = math.log(clip)
+    binds = s > log_c
+    if mode == "both":
+        binds = binds | (s < -log_c)
+    return binds
 
 
 def orpo_balance_score(x: PairInputs) -> torch.Tensor:

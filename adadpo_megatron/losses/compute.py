@@ -6,6 +6,7 @@ import torch
 
 from adadpo_megatron.losses.balance import (
     balance_score,
+    clip_binds,
     grad_ratio_log,
     log_balance_coef,
     log_limit,
@@ -27,7 +28,7 @@ METRICS: dict[str, str] = {
     "balance/log_grad_ratio": "log of balance/grad_ratio (robust to outliers in the mean)",
     "adadpo/coef_mean": "ada* only: the balance coefficient k",
     "adadpo/coef_max": "ada* only: k, to be reduced with max (see metric_reduction)",
-    "adadpo/clip_frac": "ada* only: 1 where the clip binds (log k != s), else 0",
+    "adadpo/clip_frac": "ada* only: 1 where the clip C binds (s > log C, or |s| > log C in mode both), else 0",
 }
 """Every metric name with its meaning; only the rewards/* ones are beta-scaled."""
 
@@ -151,5 +152,5 @@ def _metrics(
         if isinstance(k, torch.Tensor):
             metrics["adadpo/coef_mean"] = k
             metrics["adadpo/coef_max"] = k
-            metrics["adadpo/clip_frac"] = (log_k != s).to(s.dtype)
+            metrics["adadpo/clip_frac"] = clip_binds(s, cfg.balance_clip, cfg.balance_clip_mode).to(s.dtype)
     return metrics
