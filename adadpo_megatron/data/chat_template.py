@@ -130,8 +130,10 @@ class ChatTemplate:
                     messages=messages, add_generation_prompt=add_generation_prompt, **self.variables
                 )
             )
-        except (TemplateError, TypeError, KeyError, ValueError) as exc:
-            raise RecordRejected("chat_template", f"template {self.name}: {exc}") from None
+        except (TemplateError, Exception) as exc:  # any error of a template is the line's
+            raise RecordRejected(
+                "chat_template", f"template {self.name}: {type(exc).__name__}: {exc}"
+            ) from None
 
     def split(self, prompt: list[Message], completion: list[Message]) -> tuple[str, str]:
         """(prompt text, completion text) of one conversation; see the module docstring."""

@@ -86,6 +86,15 @@ class EncodedPair:
     """How many of the two sequences were cut from the right (0, 1 or 2)."""
 
 
+def _is_library_error(exc: BaseException) -> bool:
+    """True for an exception a tokenizer library raises on bad input: any ``Exception``, or
+    the Rust panic of ``tokenizers`` (``PanicException``, a ``BaseException``); never for
+    KeyboardInterrupt, SystemExit or MemoryError."""
+    return isinstance(exc, Exception) and not isinstance(exc, MemoryError) or (
+        type(exc).__name__ == "PanicException"
+    )
+
+
 def _shared_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
@@ -175,13 +184,28 @@ class PairEncoder:
                 continue
             texts += [prompt, prompt + chosen, prompt + rejected]
             todo.append(k)
-        ids = self.tokenizer.encode_batch(texts) if texts else []
+        try:
+            ids = self.tokenizer.encode_batch(texts) if texts else []
+        except BaseException as exc:  # pyo3's PanicException is a BaseException
+            if not _is_library_error(exc):
+                raise
+            ids = None  # one text failed: tokenize record by record to find which
         for n, k in enumerate(todo):
             try:
-                results[k] = self._pair(*ids[3 * n : 3 * n + 3])
+                triple = ids[3 * n : 3 * n + 3] if ids is not None else self._encode3(texts[3 * n : 3 * n + 3])
+                results[k] = self._pair(*triple)
             except RecordRejected as exc:
                 results[k] = exc
         return results  # type: ignore[return-value]
+
+    def _encode3(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize one record's three texts; a tokenizer failure becomes a reject."""
+        try:
+            return self.tokenizer.encode_batch(texts)
+        except BaseException as exc:
+            if not _is_library_error(exc):
+                raise
+            raise RecordRejected("tokenizer_error", f"{type(exc).__name__}: {exc}") from None
 
     def _pair(
         self, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]

@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,6 @@ from adadpo_megatron.data.packed_format import (
     FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
-    REJECTS_FILE,
     dataset_fingerprint,
 )
 from adadpo_megatron.data.packed_writer import PackedWriter
@@ -53,6 +51,7 @@ from adadpo_megatron.data.prefix_layout import (
     segment_skips,
 )
 from adadpo_megatron.data.records import PreferenceRecord, RecordRejected, iter_lines, parse_line
+from adadpo_megatron.data.staging import OWNER_FILE, clean_stale_staging, make_staging_dir
 from adadpo_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 from adadpo_megatron.packing import ALGORITHMS, footprints, pack_pairs
 
@@ -252,6 +251,8 @@ def _read_input(opts: PackOptions, encoder: PairEncoder, writer: PackedWriter) -
                 chunk.append((number, parse_line(raw, number)))
             except RecordRejected as exc:
                 chunk.append((number, exc))
+            except Exception as exc:  # never let one line stop the run
+                chunk.append((number, RecordRejected("unexpected_error", f"{type(exc).__name__}: {exc}")))
             if len(chunk) == _CHUNK_LINES:
                 _flush(chunk, opts, encoder, writer, facts)
         _flush(chunk, opts, encoder, writer, facts)
@@ -270,13 +271,14 @@ def _flush(
     encoded = iter(encoder.encode_many(records))
     for number, item in chunk:
         outcome = next(encoded) if isinstance(item, PreferenceRecord) else item
-        if isinstance(outcome, NoChatTemplateError):
-            raise PackError(f"{opts.input}:{number}: {outcome}")
+        if isinstance(outcome, NoChatTemplateError):  # a reject too: no line stops the run
+            outcome = RecordRejected("chat_template", str(outcome))
         if isinstance(outcome, RecordRejected):
             if opts.strict:
                 raise PackError(
-                    f"{opts.input}:{number}: {outcome.reason}: {outcome.detail} (--strict stops "
-                    "at the first bad line; without it the line goes to rejects.jsonl)"
+                    f"{opts.input}:{number}: {outcome.reason}: {printable(outcome.detail)} "
+                    "(--strict stops at the first bad line; without it the line goes to "
+                    "rejects.jsonl)"
                 )
             writer.reject(number, outcome)
             continue
@@ -365,6 +367,22 @@ def _meta(
     }
 
 
+def printable(text: str) -> str:
+    """``text`` with what no terminal can print (lone surrogates) as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _nothing_packed(opts: PackOptions, writer: PackedWriter, lines_read: int) -> PackError:
+    """The error of a run that packed no pair (nothing is published then)."""
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(writer.reasons.items()))
+    first = writer.first_rejects
+    shown = "; ".join(f"{opts.input}:{line}: {reason}: {printable(detail)}" for line, reason, detail in first)
+    return PackError(
+        f"no pair was packed from {opts.input} ({lines_read} lines read, all rejected: "
+        f"{reasons or 'none'}); nothing written to {opts.output}. First rejects: {shown or '-'}"
+    )
+
+
 def _check_output(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
@@ -381,7 +399,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` directory to ``out`` (replacing an old dataset if allowed)."""
     _check_output(out, overwrite)
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        old = make_staging_dir(out, "old")
         os.replace(out, old / out.name)
         os.replace(tmp, out)
         shutil.rmtree(old)
@@ -410,7 +428,9 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
     except (OSError, ValueError, ImportError) as exc:
         raise PackError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    for note in clean_stale_staging(out):
+        print(f"adadpo-pack: {note}", file=sys.stderr)
+    tmp = make_staging_dir(out)
     writer: PackedWriter | None = None
     try:
         writer = PackedWriter(tmp, tok)
@@ -420,7 +440,10 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
                 f"internal error: {facts['lines_read']} lines read != {writer.num_pairs} packed "
                 f"+ {writer.reasons.total()} rejected"
             )
+        if writer.num_pairs == 0:
+            raise _nothing_packed(opts, writer, facts["lines_read"])
         writer.close(tmp)
+        (tmp / OWNER_FILE).unlink()
         facts.update(_write_index(tmp, writer, opts))
         meta = _meta(opts, tok, writer, facts, template)
         meta["files"] = {name: file_sha256(tmp / name) for name in DATA_FILES}
@@ -463,12 +486,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adadpo-pack: error: {exc}", file=sys.stderr)
         return 1
     print(summary_line(meta, opts.output, time.perf_counter() - start))
-    if meta["pairs_packed"] == 0:
-        print(
-            f"adadpo-pack: error: no pair was packed; {opts.output / REJECTS_FILE} says why",
-            file=sys.stderr,
-        )
-        return 1
     return 0
 
 

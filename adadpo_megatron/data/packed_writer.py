@@ -32,7 +32,10 @@ class PackedWriter:
         self.builder = indexed.IndexedDatasetBuilder(
             str(directory / "tokens.bin"), dtype=self.dtype.type
         )
-        self.rejects = open(directory / REJECTS_FILE, "w", encoding="utf-8")
+        # backslashreplace: a detail quoting a lone surrogate must not stop the run
+        self.rejects = open(directory / REJECTS_FILE, "w", encoding="utf-8", errors="backslashreplace")
+        self.first_rejects: list[tuple[int, str, str]] = []
+        """(line, reason, detail) of the first few rejects, for the error of an empty run."""
         self.reasons: Counter[str] = Counter()
         self.lengths: list[int] = []
         self.prompt_lens: list[int] = []
@@ -68,6 +71,8 @@ class PackedWriter:
     def reject(self, line: int, exc: RecordRejected) -> None:
         """Append ``{"line", "reason", "detail"}`` to rejects.jsonl."""
         self.reasons[exc.reason] += 1
+        if len(self.first_rejects) < 3:
+            self.first_rejects.append((line, exc.reason, exc.detail))
         entry = {"line": line, "reason": exc.reason, "detail": exc.detail}
         self.rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
 

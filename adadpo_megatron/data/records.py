@@ -46,16 +46,20 @@ REASONS: dict[str, str] = {
     "blank_line": "the line is empty or only whitespace",
     "invalid_utf8": "the line is not valid UTF-8",
     "malformed_json": "the line is not one valid JSON value",
+    "unreadable_json": "valid JSON too big to read: nesting too deep, or an integer of over 4300 digits",
+    "invalid_unicode": "a used string holds a lone surrogate escape (\\ud800-\\udfff), which is no character",
     "wrong_type": "the line or a field has the wrong JSON type",
     "missing_field": "a required field (prompt, chosen, rejected, role, content) is absent",
     "empty_field": "a field is empty or only whitespace",
     "bad_role": "a completion does not start with an assistant message",
     "identical_chosen_rejected": "chosen and rejected are the same",
-    "chat_template": "the chat template failed or does not render the prompt as a prefix",
+    "chat_template": "no chat template for a conversational line, or it failed or does not render the prompt as a prefix",
     "empty_completion": "a completion tokenizes to no tokens",
     "identical_tokens": "chosen and rejected are the same tokens after tokenizing/truncation",
     "prompt_too_long": "the prompt, truncated as far as allowed, leaves no room in --max-seq-len",
     "exceeds_pack_size": "the pair's two sequences together exceed --pack-size",
+    "tokenizer_error": "the tokenizer raised an error on the line's text",
+    "unexpected_error": "any other error while handling the line (its type and message in detail)",
 }
 """Every reason a line can be rejected for, with its meaning (documented in the README)."""
 
@@ -122,6 +126,17 @@ def _is_blank(text: str) -> bool:
     return not text.strip()
 
 
+def _check_text(value: str, where: str) -> None:
+    """Reject a string that is not valid Unicode (a lone surrogate from a JSON escape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordRejected(
+            "invalid_unicode",
+            f"'{where}' holds the lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start}",
+        ) from None
+
+
 def _check_messages(value: list[Any], where: str) -> list[Message]:
     """Validate a message list; return it as plain ``{"role", "content"}`` dicts."""
     if not value:
@@ -140,6 +155,7 @@ def _check_messages(value: list[Any], where: str) -> list[Message]:
                 raise RecordRejected(
                     "wrong_type", f"'{name}.{key}' is {_type_name(msg[key])}, expected a string"
                 )
+            _check_text(msg[key], f"{name}.{key}")
         if _is_blank(msg["role"]):
             raise RecordRejected("empty_field", f"'{name}.role' is empty")
         messages.append({"role": msg["role"], "content": msg["content"]})
@@ -154,6 +170,7 @@ def _field(obj: dict[str, Any], key: str, required: bool = True) -> str | list[M
         return None
     value = obj[key]
     if isinstance(value, str):
+        _check_text(value, key)
         if _is_blank(value):
             raise RecordRejected("empty_field", f"field '{key}' is empty or only whitespace")
         return value
@@ -236,6 +253,8 @@ def parse_line(raw: bytes, line: int) -> PreferenceRecord:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecordRejected("malformed_json", f"{exc.msg} at column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:  # int over 4300 digits; nesting too deep
+        raise RecordRejected("unreadable_json", f"{type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
         raise RecordRejected("wrong_type", f"the line is {_type_name(obj)}, expected a JSON object")
     chosen = _field(obj, "chosen")

@@ -253,16 +253,29 @@ def test_default_min_prompt_tokens_is_half_the_limit(tmp_path, wordlevel):
 
 
 def test_identical_after_truncation_is_rejected(tmp_path, wordlevel):
-    rows = [{"prompt": "a", "chosen": " b c d", "rejected": " b c e"}]
+    rows = [{"prompt": "a", "chosen": " b c d", "rejected": " b c e"}, {"prompt": "a", "chosen": " b", "rejected": " c"}]
     rc, _, meta, rejects = run(tmp_path, rows, wordlevel, "--pack-size", "64", "--max-seq-len", "4")
     assert rejects[0]["reason"] == "identical_tokens" and "after truncation" in rejects[0]["detail"]
-    assert rc == 1 and meta["pairs_packed"] == 0  # nothing packed is an error, the dir stays
+    assert rc == 0 and meta["pairs_packed"] == 1
 
 
-def test_align_counts_rounded_lengths_against_the_pack_size(tmp_path, wordlevel):
+def test_nothing_packed_publishes_nothing(tmp_path, wordlevel, capsys):
+    rows = [{"prompt": "a", "chosen": " b c d", "rejected": " b c e"}]
+    rc, out, meta, _ = run(tmp_path, rows, wordlevel, "--pack-size", "64", "--max-seq-len", "4")
+    err = capsys.readouterr().err
+    assert rc == 1 and meta is None and not out.exists()  # nothing packed: no dataset at all
+    assert "no pair was packed" in err and "out.jsonl:1: identical_tokens" in err
+    assert not list(tmp_path.glob("out.tmp-*")) and len(err.strip().splitlines()) == 1
+
+
+def test_align_counts_rounded_lengths_against_the_pack_size(tmp_path, wordlevel, capsys):
     rows = [{"prompt": "a", "chosen": " b", "rejected": " c"}]  # 4 + 4 tokens
-    _, _, meta, rejects = run(tmp_path, rows, wordlevel, "--pack-size", "8", "--align", "8")
-    assert rejects[0]["reason"] == "exceeds_pack_size" and "aligned to 8" in rejects[0]["detail"]
+    rc, _, _, _ = run(tmp_path, rows, wordlevel, "--pack-size", "8", "--align", "8", "--strict")
+    assert rc == 1 and "exceeds_pack_size" in capsys.readouterr().err
+    _, _, _, rejects = run(tmp_path, rows * 2, wordlevel, "--pack-size", "8", "--align", "4", name="o1")
+    assert rejects == []
+    rc, _, _, _ = run(tmp_path, rows, wordlevel, "--pack-size", "8", "--align", "8", name="o3")
+    assert rc == 1 and "aligned to 8" in capsys.readouterr().err
     _, out, meta, _ = run(tmp_path, rows, wordlevel, "--pack-size", "16", "--align", "8", name="o2")
     assert meta["pairs_packed"] == 1 and np.load(out / "index.npz")["pack_tokens"].tolist() == [16]
 
