@@ -256,11 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     process group is up, before the first step), 1 when training stopped on repeated
     non-finite steps.
     """
+    from adadpo_megatron.preflight import PathError, check_train_paths
     from adadpo_megatron.trainer.arguments import parse_config
 
     try:
         cfg = parse_config(argv)
-    except ConfigError as e:
+        check_train_paths(cfg)  # inputs readable, outputs writable: before any step is spent
+    except (ConfigError, PathError) as e:
         print(f"adadpo-train: error: {e}", file=sys.stderr)
         return 2
     if cfg.parallel.device == "cpu":

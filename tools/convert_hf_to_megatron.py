@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
@@ -80,9 +81,26 @@ def _to_hf(a: argparse.Namespace) -> hc.LlamaShape:
     return shape
 
 
+def _check_paths(a: argparse.Namespace) -> None:
+    """Inputs readable, --output writable (created), before any tensor is read."""
+    from adadpo_megatron.preflight import PathError, check_paths
+
+    hf_kind = "file" if a.hf and not os.path.isdir(a.hf) and str(a.hf).endswith(".gguf") else "dir"
+    checks = [("outdir", a.output, "--output")]
+    if a.to_hf:
+        checks = [("dir", a.megatron, "--megatron"), ("file", a.hf_config, "--hf-config"), *checks]
+    else:
+        checks = [(hf_kind, a.hf, "--hf"), *checks]
+    try:
+        check_paths(checks)
+    except PathError as e:
+        raise SystemExit(f"convert_hf_to_megatron: error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     a = build_parser().parse_args(argv)
+    _check_paths(a)
     shape = _to_hf(a) if a.to_hf else _to_megatron(a)
     print(f"wrote {a.output}")
     print("model flags for adadpo-train:", shlex.join(shape.trainer_flags()))

@@ -41,6 +41,7 @@ def parse(argv: Sequence[str] | None):
     if args.train_iters is None:
         args.train_iters = 1  # unused here; the trainer's validation wants a value
     source = args.ref_load or args.load
+    args_ref_load = bool(args.ref_load)
     # The side-car is what this tool makes, so a reference flag here names the checkpoint.
     args.ref_logprobs, args.ref_load, args.load, args.finetune = None, None, None, False
     args.save = args.save_interval = None
@@ -51,7 +52,25 @@ def parse(argv: Sequence[str] | None):
     if not cfg.loss.needs_reference:
         raise SystemExit(f"precompute_ref_logprobs: --preference-loss {cfg.loss.name} uses no "
                          "reference; nothing to precompute")
+    _check_paths(cfg, source, known.output, "--ref-load" if args_ref_load else "--load")
     return cfg, source, known.output
+
+
+def _check_paths(cfg, source: str | None, output: str | None, source_flag: str) -> None:
+    """Inputs readable and side-car outputs writable, before the process group starts."""
+    from adadpo_megatron.preflight import PathError, check_paths
+    from adadpo_megatron.step.reference import default_sidecar_path
+
+    io = cfg.io
+    checks = [("dir", io.data_path, "--data-path"), ("dir", io.eval_data_path, "--eval-data-path"),
+              ("dir", source, source_flag),
+              ("outfile", output or default_sidecar_path(io.data_path), "--output")]
+    if io.eval_data_path:
+        checks.append(("outfile", default_sidecar_path(io.eval_data_path), "--eval-data-path side-car"))
+    try:
+        check_paths(checks)
+    except PathError as e:
+        raise SystemExit(f"precompute_ref_logprobs: error: {e}") from None
 
 
 def _sums_for(cfg, chunks, step_fn, ds) -> np.ndarray:

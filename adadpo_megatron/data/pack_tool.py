@@ -54,6 +54,7 @@ from adadpo_megatron.data.records import PreferenceRecord, RecordRejected, iter_
 from adadpo_megatron.data.staging import OWNER_FILE, clean_stale_staging, make_staging_dir
 from adadpo_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 from adadpo_megatron.packing import ALGORITHMS, footprints, pack_pairs
+from adadpo_megatron.preflight import PathError, readable_file, writable_dir
 
 __all__ = ["PackError", "PackOptions", "build_parser", "main", "pack_jsonl"]
 
@@ -418,9 +419,14 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
             output). Nothing is left at ``opts.output`` then, nor any temporary directory.
     """
     out = opts.output
+    readable_file(opts.input, "input")
+    if not Path(opts.tokenizer).is_dir():
+        readable_file(opts.tokenizer, "--tokenizer")
     _check_output(out, opts.overwrite)
-    if not opts.input.is_file():
-        raise PackError(f"input {opts.input}: no such file")
+    try:
+        writable_dir(out.parent)
+    except PathError as exc:
+        raise PackError(f"--output {out}: {exc}") from None
     try:
         tok = load_tokenizer(opts.tokenizer, bos_token=opts.bos_token, eos_token=opts.eos_token)
         template = resolve_chat_template(opts.chat_template, tok)
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = _options(args)
         meta = pack_jsonl(opts)
-    except (PackError, ValueError) as exc:
+    except (PackError, ValueError, OSError) as exc:  # PathError is a ValueError
         print(f"adadpo-pack: error: {exc}", file=sys.stderr)
         return 1
     print(summary_line(meta, opts.output, time.perf_counter() - start))

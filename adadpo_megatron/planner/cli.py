@@ -133,9 +133,26 @@ def layout_from_args(args: argparse.Namespace, shape: ModelShape) -> Layout:
     )
 
 
+def _with_config(argv: list[str]) -> list[str]:
+    """``argv`` preceded by the flags of its ``--config`` YAML, as the trainer reads them.
+
+    Raises PathError (unreadable file) or ConfigError (bad YAML or key), one line each.
+    """
+    from adadpo_megatron.preflight import readable_file
+    from adadpo_megatron.trainer.arguments import _yaml_to_argv
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return argv
+    readable_file(known.config, "--config")
+    return _yaml_to_argv(known.config, build_planner_parser()) + argv
+
+
 def plan_from_argv(argv: Sequence[str]) -> dict[str, Any]:
     """Parse ``argv`` (trainer flags + planner flags) and return :func:`planner.plan`'s dict."""
-    argv = list(argv)
+    argv = _with_config(list(argv))
     args = build_planner_parser().parse_args(argv)
     given = set(vars(build_planner_parser(suppress_defaults=True).parse_args(argv)))
     shape = shape_from_args(args, given)
@@ -195,8 +212,15 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the plan; exit status 0 if it fits, 1 if not (layout errors or memory)."""
+    from adadpo_megatron.preflight import PathError
+    from adadpo_megatron.trainer.config import ConfigError
+
     argv = sys.argv[1:] if argv is None else argv
-    result = plan_from_argv(argv)
+    try:
+        result = plan_from_argv(argv)
+    except (PathError, ConfigError) as e:
+        print(f"plan_parallel.py: error: {e}", file=sys.stderr)
+        return 2
     if "--json" in argv:
         print(json.dumps(result, indent=1, sort_keys=True))
     else:
