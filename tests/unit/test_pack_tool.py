@@ -296,14 +296,18 @@ def test_tokenizer_own_chat_template_and_no_doubled_bos(tmp_path):
     assert np.load(out / "index.npz")["seq_prompt_len"].tolist() == [5, 5]
 
 
-def test_conversational_line_without_a_template_is_a_setup_error(tmp_path, wordlevel, capsys):
+def test_conversational_line_without_a_template_is_a_reject(tmp_path, wordlevel, capsys):
     rows = [
         {"prompt": "a", "chosen": " b", "rejected": " c"},
         {"prompt": [U], "chosen": [A], "rejected": "z"},
     ]
-    rc, out, _, _ = run(tmp_path, rows, wordlevel, "--pack-size", "64")
-    assert rc == 1 and not out.exists()
-    assert ":2: line 2 is in the conversational form" in capsys.readouterr().err
+    rc, out, meta, rejects = run(tmp_path, rows, wordlevel, "--pack-size", "64")
+    assert rc == 0 and meta["pairs_packed"] == 1  # no single line stops the run
+    assert rejects[0]["line"] == 2 and rejects[0]["reason"] == "chat_template"
+    assert "pass --chat-template" in rejects[0]["detail"]
+    rc, out, _, _ = run(tmp_path, rows[1:], wordlevel, "--pack-size", "64", name="conv")
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists() and "conv.jsonl:1: chat_template: line 1 is in the conversational" in err
 
 
 def test_template_failures_and_empty_completions_are_rejected(tmp_path, wordlevel):
