@@ -258,10 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from adadpo_megatron.preflight import PathError, check_train_paths
     from adadpo_megatron.trainer.arguments import parse_config
+    from adadpo_megatron.trainer.progress import resolve_resume
 
     try:
         cfg = parse_config(argv)
         check_train_paths(cfg)  # inputs readable, outputs writable: before any step is spent
+        cfg = resolve_resume(cfg, note=_note)  # --save holding a checkpoint: resume or refuse
     except (ConfigError, PathError) as e:
         print(f"adadpo-train: error: {e}", file=sys.stderr)
         return 2
@@ -294,6 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _destroy()
     return 0
+
+
+def _note(text: str) -> None:
+    """Print a start-up note once per job (global rank 0; before the process group)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
 
 
 def _destroy() -> None:

@@ -39,6 +39,8 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from adadpo_megatron.trainer.progress import TRACKER
+
 __all__ = [
     "CheckpointError",
     "latest_iteration",
@@ -49,7 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 META = "adadpo_meta.json"
 FORMAT_VERSION = 1
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",

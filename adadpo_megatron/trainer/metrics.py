@@ -32,6 +32,8 @@ import os
 import time
 from typing import Any, TextIO
 
+from adadpo_megatron.trainer.progress import truncate_metrics
+
 __all__ = ["MetricsWriter", "format_log_line"]
 
 
@@ -75,7 +77,8 @@ class MetricsWriter:
 
     ``enabled`` is False on every other rank (then every method is a no-op). ``log_dir``
     and ``tensorboard_dir`` may be None. Appends to an existing ``metrics.jsonl`` (a
-    resumed run continues it) after dropping records at or past ``start_step``.
+    resumed run continues it) after dropping records past ``start_step`` (and a partial
+    last line, with a note: :func:`~adadpo_megatron.trainer.progress.truncate_metrics`).
     """
 
     def __init__(self, *, enabled: bool, log_dir: str | None, tensorboard_dir: str | None,
@@ -89,7 +92,7 @@ class MetricsWriter:
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             path = os.path.join(log_dir, "metrics.jsonl")
-            _truncate_after(path, start_step)
+            truncate_metrics(path, start_step, note=self._print)
             self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard_dir:
             try:
@@ -127,14 +130,3 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def _truncate_after(path: str, start_step: int) -> None:
-    """Keep only records with step <= start_step (a resume rewrites what follows)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        keep = [line for line in f if line.strip()
-                and json.loads(line).get("step", 0) <= start_step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(keep)
