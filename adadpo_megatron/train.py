@@ -173,6 +173,7 @@ def build_run(cfg: TrainConfig) -> Run:
         default_sidecar_path,
     )
     from adadpo_megatron.trainer import checkpointing as ckpt
+    from adadpo_megatron.trainer.identity import check_identity
     from adadpo_megatron.trainer.loop import _is_logging_rank
     from adadpo_megatron.trainer.metrics import MetricsWriter
     from adadpo_megatron.trainer.optim import build_optimizer, build_scheduler, ddp_config
@@ -180,6 +181,7 @@ def build_run(cfg: TrainConfig) -> Run:
     train_data = _open_data(cfg, cfg.io.data_path, "--data-path")
     eval_data = (_open_data(cfg, cfg.io.eval_data_path, "--eval-data-path")
                  if cfg.io.eval_data_path else None)
+    check_identity(cfg, train_data, eval_data)  # same tokenizer everywhere, before the model
     vocab = _vocab_size(cfg, train_data)
     max_pos = cfg.model.max_position_embeddings
     attention = prefix_attention_for(cfg, train_data, eval_data)

@@ -177,6 +177,7 @@ def write_megatron_dist(full: StateDict, shape: LlamaShape, out: str,
     from megatron.core import dist_checkpointing, parallel_state
 
     from adadpo_megatron.trainer.checkpointing import FORMAT_VERSION, META
+    from adadpo_megatron.trainer.manifest import write_manifest
 
     padded = full["embedding.word_embeddings.weight"].shape[0]
     model = _build_tp1_model(shape, padded, dtype)
@@ -185,6 +186,7 @@ def write_megatron_dist(full: StateDict, shape: LlamaShape, out: str,
         ckpt = os.path.join(out, "iter_0000000")
         os.makedirs(ckpt, exist_ok=True)
         dist_checkpointing.save({"model0": model.sharded_state_dict()}, ckpt)
+        write_manifest(ckpt)
     finally:
         parallel_state.destroy_model_parallel()
     meta: dict[str, Any] = {

@@ -203,6 +203,14 @@ class PackedPairDataset(torch.utils.data.Dataset):
                 f"{prefix}.idx holds {self._seq_lengths.shape[0]} {dtype.name} sequences, "
                 f"meta.json says {2 * n} {self.meta['token_dtype']}; the directory is corrupt"
             )
+        want_bytes = int(self._seq_lengths.sum()) * dtype.itemsize
+        have_bytes = Path(f"{prefix}.bin").stat().st_size
+        if have_bytes != want_bytes:  # else a truncated file fails only in the middle of a step
+            raise PackedDatasetError(
+                f"{prefix}.bin is {have_bytes} bytes, tokens.idx needs {want_bytes} "
+                f"({int(self._seq_lengths.sum())} {dtype.name} tokens): the file is "
+                f"{'truncated' if have_bytes < want_bytes else 'changed'}; re-pack the dataset"
+            )
         if not (
             np.array_equal(arrays["seq_pair_id"], np.repeat(np.arange(n), 2))
             and np.array_equal(arrays["seq_is_chosen"], np.tile([True, False], n))

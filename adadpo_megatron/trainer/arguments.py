@@ -182,6 +182,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="packed dataset directory (adadpo-pack)")
     g.add_argument("--eval-data-path", default=None, help="held-out packed dataset directory")
+    g.add_argument("--verify-data", action="store_true",
+                   help="re-hash every data file against its meta.json at start (sizes are "
+                        "always checked)")
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:

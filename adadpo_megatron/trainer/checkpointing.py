@@ -17,8 +17,10 @@ writes ``adadpo_meta.json`` last, renames the directory into place, then replace
 tracker file (write to a temp file + ``os.replace``). A crash at any point leaves the
 previous checkpoint as "latest" and never a directory that looks complete.
 
-Loading checks the tracker, the meta file and the config fingerprint (model shape and
-loss) before reading any tensor, and names what differs. Model and optimizer tensors load
+Loading checks the tracker, the meta file, the config fingerprint (model shape and
+loss) and every file against the checksum manifest (``adadpo_manifest.json``, written
+before the meta file: :mod:`adadpo_megatron.trainer.manifest`) before reading any tensor,
+and names what differs. Model and optimizer tensors load
 at another TP/PP layout where megatron-core can reshard them; RNG states are restored only
 at the same layout (with a note otherwise), as Megatron-LM does.
 """
@@ -39,6 +41,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from adadpo_megatron.trainer.manifest import ManifestError, verify_manifest, write_manifest
 from adadpo_megatron.trainer.progress import TRACKER
 
 __all__ = [
@@ -133,12 +136,14 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
                     scheduler: Any, data_state: dict[str, Any], fingerprint: str,
                     config: dict[str, Any], data_fingerprint: str | None,
                     skipped_in_a_row: int = 0,
-                    reference: list[torch.nn.Module] | None = None) -> str:
+                    reference: list[torch.nn.Module] | None = None,
+                    tokenizer: dict[str, Any] | None = None) -> str:
     """Write checkpoint ``iteration`` under ``root`` atomically; returns its directory.
 
     Collective over the world. ``model``/``reference`` are this rank's chunks (DDP-wrapped
     or not), ``data_state`` the sampler's JSON-able position, ``fingerprint`` the run's
-    ``TrainConfig.fingerprint()``, ``config`` its ``to_dict()``.
+    ``TrainConfig.fingerprint()``, ``config`` its ``to_dict()``, ``tokenizer`` the training
+    data's ``{"fingerprint", "vocab_size"}`` (checked by later loads).
     """
     rank = torch.distributed.get_rank()
     final = _iter_dir(root, iteration)
@@ -161,12 +166,14 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
     state["rng_state"] = _rng_sharded(_rng_state())
     dist_checkpointing.save(state, tmp)
     torch.distributed.barrier()
+    write_manifest(tmp)  # every file's size and sha256, before the meta file commits it
 
     if rank == 0:
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
                 "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
                 "layout": _layout(), "has_reference": reference is not None,
-                "optimizer_metadata": _OPTIM_METADATA, "config": config}
+                "optimizer_metadata": _OPTIM_METADATA, "config": config,
+                "tokenizer": tokenizer}
         _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
         aside = None
         if os.path.exists(final):  # re-saving a step (a resumed run saving into --load)
@@ -241,9 +248,18 @@ def _load(state: dict[str, Any], ckpt: str) -> dict[str, Any]:
         return dist_checkpointing.load(state, ckpt)
     # torch's CheckpointException derives from BaseException, not Exception.
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - one clear error for any failure
+        first = (str(e).strip().splitlines() or [""])[0][:300]  # torch nests whole tracebacks
         raise CheckpointError(
-            f"{ckpt}: cannot read the checkpoint ({type(e).__name__}: {e}). It is corrupt, "
+            f"{ckpt}: cannot read the checkpoint ({type(e).__name__}: {first}). It is corrupt, "
             "incomplete, or its shapes do not fit this model") from e
+
+
+def _verify(ckpt: str) -> None:
+    """The checkpoint's files against its checksum manifest (collective); CheckpointError."""
+    try:
+        verify_manifest(ckpt)
+    except ManifestError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _strip(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -264,6 +280,7 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
     ckpt = _iter_dir(root, latest_iteration(root))
     meta = _read_meta(ckpt)
     _check_fingerprint(ckpt, meta, fingerprint, config)
+    _verify(ckpt)
     if data_fingerprint is not None and meta.get("data_fingerprint") not in (None,
                                                                            data_fingerprint):
         raise CheckpointError(
@@ -320,6 +337,7 @@ def load_model_weights(root: str, chunks: list[torch.nn.Module], *,
     ckpt = _iter_dir(root, iteration)
     if os.path.isfile(os.path.join(ckpt, META)) or not _is_torch_dist(ckpt):
         _read_meta(ckpt)  # ours: checked; neither ours nor torch_dist: refused with why
+        _verify(ckpt)  # ours carry a checksum manifest
     # else a torch_dist checkpoint another program wrote (Megatron-LM's pretrain(), e.g. an
     # SFT model): its model tensors carry the same sharded keys as ours.
     prefix = "" if source == "model" else f"{source}."

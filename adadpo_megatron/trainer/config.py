@@ -176,6 +176,8 @@ class IOArgs:
     """--eval-interval: steps between evaluations."""
     eval_iters: int | None
     """--eval-iters: eval steps (global batches) per evaluation; None = the whole split."""
+    verify_data: bool = False
+    """--verify-data: re-hash the data files against meta.json at start."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -405,7 +407,8 @@ def _io_args(a: argparse.Namespace) -> IOArgs:
         data_path=a.data_path, eval_data_path=a.eval_data_path, save=a.save,
         save_interval=a.save_interval, load=a.load, finetune=a.finetune,
         log_interval=a.log_interval, log_dir=a.log_dir, tensorboard_dir=a.tensorboard_dir,
-        eval_interval=a.eval_interval, eval_iters=a.eval_iters)
+        eval_interval=a.eval_interval, eval_iters=a.eval_iters,
+        verify_data=bool(getattr(a, "verify_data", False)))
 
 
 def loss_config_from_args(a: argparse.Namespace) -> Any:

@@ -244,6 +244,7 @@ def evaluate(run: Run) -> dict[str, float]:
 
 def _save(run: Run) -> None:
     from adadpo_megatron.trainer.checkpointing import save_checkpoint
+    from adadpo_megatron.trainer.identity import tokenizer_record
 
     cfg = run.cfg
     path = save_checkpoint(
@@ -251,7 +252,8 @@ def _save(run: Run) -> None:
         scheduler=run.scheduler, data_state=run.position.state_dict(),
         fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
         data_fingerprint=run.train_data.fingerprint, skipped_in_a_row=run.skipped_in_a_row,
-        reference=run.reference if run.save_reference else None)
+        reference=run.reference if run.save_reference else None,
+        tokenizer=tokenizer_record(run.train_data))
     run.writer.message(f"saved checkpoint {path}")
 
 

@@ -134,7 +134,17 @@ def test_mismatched_or_corrupt_checkpoints_are_refused(results):
     msgs = results["refusals"]
     assert "model.hidden_size: checkpoint 32 vs now 64" in msgs["shape"]
     assert "loss.beta: checkpoint 0.5 vs now 0.1" in msgs["loss"]
-    assert "cannot read the checkpoint" in msgs["corrupt"]
+    assert "damaged checkpoint:" in msgs["corrupt"] and ".distcp is missing" in msgs["corrupt"]
+    # The checksum manifest names the file, in one line; flipped bytes no longer load silently.
+    assert f"{results['truncated_file']} is truncated" in msgs["truncated"]
+    assert f"{results['flipped_file']} was changed" in msgs["flipped"]
+    for msg in msgs.values():
+        assert "\n" not in msg and "Traceback" not in msg, msg
+
+
+def test_save_holding_a_checkpoint_resumes_without_load(results):
+    assert results["auto_start"] == 3 and results["auto_tracker"] == 6
+    _close(results["auto"], {k: results["full"][k] for k in ("4", "5", "6")}, EXACT)
 
 
 def test_prefix_shared_dataset_reference_training_and_cp_refusal(results):

@@ -83,12 +83,27 @@ def case_refusals(data: str, work: str, out: dict) -> None:
     for name, extra, load in (
             ("shape", ["--hidden-size", "64"], ckpt),
             ("loss", ["--dpo-beta", "0.1"], ckpt),
-            ("corrupt", [], os.path.join(work, "ckpt_corrupt"))):
-        if name == "corrupt" and torch.distributed.get_rank() == 0:
+            ("corrupt", [], os.path.join(work, "ckpt_corrupt")),
+            ("truncated", [], os.path.join(work, "ckpt_truncated")),
+            ("flipped", [], os.path.join(work, "ckpt_flipped"))):
+        if name in ("corrupt", "truncated", "flipped") and torch.distributed.get_rank() == 0:
             shutil.copytree(ckpt, load)
-            for f in os.listdir(os.path.join(load, "iter_0000003")):
-                if f.endswith(".distcp"):
-                    os.remove(os.path.join(load, "iter_0000003", f))
+            it = os.path.join(load, "iter_0000003")
+            shards = sorted(f for f in os.listdir(it) if f.endswith(".distcp"))
+            if name == "corrupt":
+                for f in shards:
+                    os.remove(os.path.join(it, f))
+            elif name == "truncated":
+                path = os.path.join(it, shards[0])
+                os.truncate(path, os.path.getsize(path) // 2)
+            else:  # 1 KB of flipped bytes in the middle of a shard (tensor payload)
+                path = os.path.join(it, shards[-1])
+                with open(path, "r+b") as f:
+                    f.seek(os.path.getsize(path) // 2)
+                    block = f.read(1024)
+                    f.seek(os.path.getsize(path) // 2)
+                    f.write(bytes(b ^ 0xFF for b in block))
+            out[f"{name}_file"] = os.path.join(it, shards[0] if name == "truncated" else shards[-1])
         torch.distributed.barrier()
         try:
             start(base_args(data) + ["--tensor-model-parallel-size", "2", "--train-iters", "6",
@@ -97,6 +112,27 @@ def case_refusals(data: str, work: str, out: dict) -> None:
         except CheckpointError as e:
             msgs[name] = str(e)
     out["refusals"] = msgs
+
+
+def case_autoresume(data: str, work: str, out: dict) -> None:
+    """Rerunning with the same --save and no --load resumes from it (never restarts at 0)."""
+    from adadpo_megatron.trainer.progress import read_tracker, resolve_resume
+
+    save = os.path.join(work, "ckpt_auto")
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(os.path.join(work, "ckpt_half"), save)
+    torch.distributed.barrier()
+    tp2 = base_args(data) + ["--tensor-model-parallel-size", "2"]
+    cfg = resolve_resume(parse_config(tp2 + ["--train-iters", "6", "--save", save]),
+                         note=lambda s: None)
+    init_distributed(cfg)
+    run = build_run(cfg)
+    record: dict[int, dict] = {}
+    run.on_step = lambda step, metrics: record.__setitem__(step, dict(metrics))
+    out["auto_start"] = run.iteration
+    finish(run)
+    out["auto"] = losses(record)
+    out["auto_tracker"] = read_tracker(save)
 
 
 def case_precomputed(data: str, work: str, out: dict) -> None:
@@ -206,7 +242,7 @@ def case_nan_skip(data: str, work: str, out: dict) -> None:
 def main() -> None:
     data, work = sys.argv[1], sys.argv[2]
     cases = sys.argv[3].split(",") if len(sys.argv) > 3 else [
-        "train_and_resume", "refusals", "precomputed", "dp_coverage", "nan_skip",
+        "train_and_resume", "refusals", "autoresume", "precomputed", "dp_coverage", "nan_skip",
         "prefix_sharing"]
     out: dict = {}
     from adadpo_megatron.step.cpu import init_distributed_cpu

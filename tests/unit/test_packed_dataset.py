@@ -1,6 +1,7 @@
 """PackedPairDataset: THD micro-batches against a plain reference, padding, checks on load."""
 
 import json
+import os
 import pickle
 import random
 import sys
@@ -226,3 +227,11 @@ def test_verify_detects_a_changed_token_file(random_dataset, tmp_path):
     (d / "tokens.bin").write_bytes(bytes(data))
     with pytest.raises(PackedDatasetError, match=r"tokens.bin: sha256 differs"):
         PackedPairDataset(d).verify()
+
+
+def test_a_truncated_token_file_is_refused_when_opened(random_dataset, tmp_path):
+    d = copy_dataset(random_dataset, tmp_path / "short")
+    size = (d / "tokens.bin").stat().st_size
+    os.truncate(d / "tokens.bin", size - 2)  # one token short: found at open, not mid-step
+    with pytest.raises(PackedDatasetError, match=rf"tokens.bin is {size - 2} bytes, tokens.idx needs {size} .* truncated"):
+        PackedPairDataset(d)

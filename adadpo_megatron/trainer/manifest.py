@@ -1,0 +1,146 @@
+"""Checksum manifest of a checkpoint directory: written with it, verified before loading it.
+
+``ITER_DIR/adadpo_manifest.json`` lists every file of the checkpoint (relative path, size
+in bytes, sha256) except itself and ``adadpo_meta.json`` (written after it, as the commit
+marker; it is JSON-checked on its own). It is written atomically inside the staging
+directory, before that directory is renamed into place, so a checkpoint that looks
+complete always has one. Loading checks every listed file before torch reads any tensor:
+a file that is missing, of another size (truncated) or of other contents is refused in
+one line naming it. Files are hashed in parallel: rank r takes files r, r + W, ...
+
+torch's own checks catch only some of this: a truncated shard gives a long traceback and
+flipped bytes inside a ``.distcp`` tensor payload load silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["MANIFEST", "ManifestError", "verify_manifest", "write_manifest"]
+
+MANIFEST = "adadpo_manifest.json"
+_SKIP = {MANIFEST, "adadpo_meta.json"}
+_CHUNK = 1 << 22
+
+
+class ManifestError(RuntimeError):
+    """A checkpoint file does not match its manifest (or there is no manifest)."""
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _list_files(root: str) -> list[str]:
+    names = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel not in _SKIP:
+                names.append(rel)
+    return sorted(names)
+
+
+def _digest(path: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+            size += len(block)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _from_rank0(value: Any) -> Any:
+    rank, world = _dist()
+    if world == 1:
+        return value
+    box = [value if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value: Any) -> list[Any]:
+    rank, world = _dist()
+    if world == 1:
+        return [value]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def write_manifest(ckpt: str) -> None:
+    """Hash every file of ``ckpt`` and write its manifest (collective when distributed).
+
+    Args:
+        ckpt: the checkpoint directory, all its files written (after the save's barrier).
+    """
+    rank, world = _dist()
+    names = _from_rank0(_list_files(ckpt) if rank == 0 else None)
+    mine = {name: _digest(os.path.join(ckpt, name)) for name in names[rank::world]}
+    merged: dict[str, Any] = {}
+    for part in _gather(mine):
+        merged.update(part)
+    if rank == 0:
+        payload = {"version": 1, "algorithm": "sha256", "files": dict(sorted(merged.items()))}
+        tmp = os.path.join(ckpt, f"{MANIFEST}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(ckpt, MANIFEST))
+
+
+def _read(ckpt: str) -> dict[str, Any] | str:
+    path = os.path.join(ckpt, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+        if not isinstance(files, dict):
+            raise ValueError("'files' is not an object")
+        return files
+    except FileNotFoundError:
+        return (f"{path} is missing: the checkpoint is incomplete or was written without one "
+                "(by an older adadpo-megatron)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path} is unreadable ({type(e).__name__}: {e})"
+
+
+def _check(ckpt: str, name: str, want: dict[str, Any]) -> str | None:
+    path = os.path.join(ckpt, name)
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    size = os.path.getsize(path)
+    if size != want["size"]:
+        what = "truncated" if size < want["size"] else "longer than written"
+        return f"{path} is {what}: {size} bytes, the manifest says {want['size']}"
+    if _digest(path)["sha256"] != want["sha256"]:
+        return f"{path} was changed: its sha256 differs from the manifest's"
+    return None
+
+
+def verify_manifest(ckpt: str) -> None:
+    """Check every file ``ckpt``'s manifest lists (collective when distributed).
+
+    Raises:
+        ManifestError: on every rank, one line naming the first bad file (and how many
+            more there are), or the missing/unreadable manifest.
+    """
+    rank, world = _dist()
+    files = _from_rank0(_read(ckpt) if rank == 0 else None)
+    if isinstance(files, str):
+        raise ManifestError(files)
+    names = sorted(files)
+    mine = [err for name in names[rank::world] if (err := _check(ckpt, name, files[name]))]
+    errors = sorted(err for part in _gather(mine) for err in part)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ManifestError(f"damaged checkpoint: {errors[0]}{more}; resume from an earlier "
+                            "checkpoint (point the tracker file at it) or re-create this one")
