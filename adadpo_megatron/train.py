@@ -276,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # megatron-core is imported only now, so flag errors and --help come back fast.
     from adadpo_megatron.step.reference import SidecarError
     from adadpo_megatron.trainer.checkpointing import CheckpointError
+    from adadpo_megatron.trainer.hygiene import install
 
+    install(checkpoint_writer=bool(cfg.io.save))  # no child outlives this rank
     try:
         init_distributed(cfg)
         _write_config(cfg)
