@@ -36,7 +36,9 @@ def init_distributed(cfg: TrainConfig) -> None:
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend="nccl")
+            from adadpo_megatron.step.elastic_store import init_process_group_elastic
+
+            init_process_group_elastic("nccl")  # safe across torchrun restarts
     if torch.distributed.get_world_size() != p.world_size:
         raise ConfigError(f"the job has {torch.distributed.get_world_size()} processes but the "
                           f"configuration was validated for {p.world_size}")

@@ -169,9 +169,9 @@ def init_distributed_cpu(timeout_minutes: float = 10.0) -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group(
-        backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
+    from adadpo_megatron.step.elastic_store import init_process_group_elastic
+
+    init_process_group_elastic("gloo", datetime.timedelta(minutes=timeout_minutes))
 
 
 def initialize_model_parallel_cpu(
