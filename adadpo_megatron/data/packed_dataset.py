@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -169,12 +171,15 @@ class PackedPairDataset(torch.utils.data.Dataset):
         try:
             with np.load(index_path) as npz:
                 arrays = {name: npz[name] for name in INDEX_ARRAYS}
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise PackedDatasetError(f"{index_path}: unreadable or incomplete ({exc})") from None
         prefix = str(self.path / TOKENS_PREFIX)
         if not IndexedDataset.exists(prefix):
             raise PackedDatasetError(f"{prefix}.bin/.idx not found in {self.path}")
-        indexed = IndexedDataset(prefix)
+        try:
+            indexed = IndexedDataset(prefix)
+        except (OSError, ValueError, struct.error) as exc:
+            raise PackedDatasetError(f"{prefix}.idx: unreadable or truncated ({exc})") from None
         self._seq_lengths = np.asarray(indexed.sequence_lengths, dtype=np.int64)
         dtype = np.dtype(indexed.index.dtype)
         del indexed

@@ -235,3 +235,11 @@ def test_a_truncated_token_file_is_refused_when_opened(random_dataset, tmp_path)
     os.truncate(d / "tokens.bin", size - 2)  # one token short: found at open, not mid-step
     with pytest.raises(PackedDatasetError, match=rf"tokens.bin is {size - 2} bytes, tokens.idx needs {size} .* truncated"):
         PackedPairDataset(d)
+
+
+@pytest.mark.parametrize("name", ["tokens.idx", "index.npz"])
+def test_a_truncated_index_is_refused_naming_it(random_dataset, tmp_path, name):
+    d = copy_dataset(random_dataset, tmp_path / "short")
+    os.truncate(d / name, (d / name).stat().st_size // 2)
+    with pytest.raises(PackedDatasetError, match=rf"{name}: unreadable or (truncated|incomplete)"):
+        PackedPairDataset(d)
