@@ -369,8 +369,10 @@ def _meta(
 
 
 def printable(text: str) -> str:
-    """``text`` with what no terminal can print (lone surrogates) as backslash escapes."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """``text`` on one line, with what no terminal can print (lone surrogates) and line
+    breaks as backslash escapes."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _nothing_packed(opts: PackOptions, writer: PackedWriter, lines_read: int) -> PackError:

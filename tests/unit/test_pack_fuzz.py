@@ -203,3 +203,20 @@ def test_stale_staging_dirs_are_removed_or_reported(tmp_path, bytelevel, capsys)
     assert alive.exists() and f"left {alive}" in err and f"pid {os.getpid()}" in err
     assert unknown.exists() and f"left {unknown}" in err
     assert not (out / OWNER_FILE).exists()
+
+
+def test_strict_error_is_one_line_even_for_a_multiline_reason(tmp_path, bytelevel, capsys) -> None:
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{{ raise_exception('first line\\nsecond line \\ud800') }}")
+    src = tmp_path / "in.jsonl"
+    row = {"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}
+    src.write_text(json.dumps(row) + "\n")
+    argv = [str(src), "-o", str(tmp_path / "out"), "--tokenizer", str(bytelevel), "--pack-size", "64",
+            "--chat-template", str(jinja)]
+    assert pack_tool.main([*argv, "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "in.jsonl:1: chat_template:" in err
+    assert "first line\\nsecond line" in err
+    assert pack_tool.main(argv) == 1  # not strict: the only line is rejected, nothing published
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
