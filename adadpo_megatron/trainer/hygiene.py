@@ -24,7 +24,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["install", "die_with_parent"]
+__all__ = ["die_with_parent", "install", "start_manager"]
 
 _PR_SET_PDEATHSIG = 1
 _state: dict[str, Any] = {"installed": False, "manager": None}
@@ -63,13 +63,19 @@ def _start_results_manager() -> None:
         return
     if getattr(filesystem_async, "_results_queue", None) is not None:
         return
+    manager = start_manager()
+    _state["manager"] = manager  # kept alive as long as this rank
+    filesystem_async._results_queue = manager.Queue()
+
+
+def start_manager() -> Any:
+    """A started ``multiprocessing`` SyncManager (``spawn``) whose server dies with this process."""
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
     manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
-    _state["manager"] = manager  # kept alive as long as this rank
-    filesystem_async._results_queue = manager.Queue()
+    return manager
 
 
 def install(checkpoint_writer: bool = True) -> None:
