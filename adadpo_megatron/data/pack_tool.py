@@ -50,7 +50,13 @@ from adadpo_megatron.data.prefix_layout import (
     limit_pairs_per_pack,
     segment_skips,
 )
-from adadpo_megatron.data.records import PreferenceRecord, RecordRejected, iter_lines, parse_line
+from adadpo_megatron.data.records import (
+    PreferenceRecord,
+    RecordRejected,
+    iter_lines,
+    parse_line,
+    printable,
+)
 from adadpo_megatron.data.staging import OWNER_FILE, clean_stale_staging, make_staging_dir
 from adadpo_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 from adadpo_megatron.packing import ALGORITHMS, footprints, pack_pairs
@@ -368,24 +374,6 @@ def _meta(
     }
 
 
-def printable(text: str) -> str:
-    """``text`` on one line, with what no terminal can print (lone surrogates) and line
-    breaks as backslash escapes."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
-def _nothing_packed(opts: PackOptions, writer: PackedWriter, lines_read: int) -> PackError:
-    """The error of a run that packed no pair (nothing is published then)."""
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(writer.reasons.items()))
-    first = writer.first_rejects
-    shown = "; ".join(f"{opts.input}:{line}: {reason}: {printable(detail)}" for line, reason, detail in first)
-    return PackError(
-        f"no pair was packed from {opts.input} ({lines_read} lines read, all rejected: "
-        f"{reasons or 'none'}); nothing written to {opts.output}. First rejects: {shown or '-'}"
-    )
-
-
 def _check_output(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
@@ -449,7 +437,7 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
                 f"+ {writer.reasons.total()} rejected"
             )
         if writer.num_pairs == 0:
-            raise _nothing_packed(opts, writer, facts["lines_read"])
+            raise PackError(writer.nothing_packed(opts.input, opts.output, facts["lines_read"]))
         writer.close(tmp)
         (tmp / OWNER_FILE).unlink()
         facts.update(_write_index(tmp, writer, opts))

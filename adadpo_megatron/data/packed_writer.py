@@ -11,7 +11,7 @@ import numpy as np
 from adadpo_megatron.data.encode import EncodedPair
 from adadpo_megatron.data.packed_format import REJECTS_FILE, TOKENS_PREFIX, indexed_dataset_module
 from adadpo_megatron.data.prefix_layout import shared_prefix_len
-from adadpo_megatron.data.records import RecordRejected
+from adadpo_megatron.data.records import RecordRejected, printable
 from adadpo_megatron.data.tokenizer import Tokenizer
 
 __all__ = ["PackedWriter"]
@@ -75,6 +75,14 @@ class PackedWriter:
             self.first_rejects.append((line, exc.reason, exc.detail))
         entry = {"line": line, "reason": exc.reason, "detail": exc.detail}
         self.rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def nothing_packed(self, source: Path, output: Path, lines_read: int) -> str:
+        """The one-line error of a run that packed no pair (nothing is published then)."""
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()))
+        shown = "; ".join(f"{source}:{line}: {reason}: {printable(detail)}"
+                          for line, reason, detail in self.first_rejects)
+        return (f"no pair was packed from {source} ({lines_read} lines read, all rejected: "
+                f"{reasons or 'none'}); nothing written to {output}. First rejects: {shown or '-'}")
 
     @property
     def num_pairs(self) -> int:

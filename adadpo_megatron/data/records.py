@@ -36,6 +36,7 @@ __all__ = [
     "RecordRejected",
     "iter_lines",
     "parse_line",
+    "printable",
     "read_records",
 ]
 
@@ -106,6 +107,13 @@ def iter_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         yield number, raw
+
+
+def printable(text: str) -> str:
+    """``text`` on one line, with what no terminal can print (lone surrogates) and line
+    breaks as backslash escapes."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _type_name(value: Any) -> str:
