@@ -17,6 +17,10 @@ from adadpo_megatron.data.tokenizer import Tokenizer
 __all__ = ["PackedWriter"]
 
 
+_LINE_BREAKS = ("\x85", "\u2028", "\u2029")
+"""Line breaks to str.splitlines() that json.dumps(ensure_ascii=False) leaves unescaped."""
+
+
 class PackedWriter:
     """Accumulates pairs (tokens straight into the indexed-dataset builder) and rejects.
 
@@ -74,7 +78,10 @@ class PackedWriter:
         if len(self.first_rejects) < 3:
             self.first_rejects.append((line, exc.reason, exc.detail))
         entry = {"line": line, "reason": exc.reason, "detail": exc.detail}
-        self.rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        text = json.dumps(entry, ensure_ascii=False)
+        for char in _LINE_BREAKS:  # str.splitlines() breaks lines at these: keep one per line
+            text = text.replace(char, f"\\u{ord(char):04x}")
+        self.rejects.write(text + "\n")
 
     def nothing_packed(self, source: Path, output: Path, lines_read: int) -> str:
         """The one-line error of a run that packed no pair (nothing is published then)."""

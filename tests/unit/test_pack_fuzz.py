@@ -146,6 +146,8 @@ FOUND = [  # lines that stopped the whole run before (found by fuzzing), with th
         b' "rejected": [{"role":"assistant","content":"d"}]}',
         "invalid_unicode",
     ),
+    # Its detail quotes U+0085 and U+2028, line breaks to str.splitlines(): escaped in rejects.jsonl.
+    (b'{"prompt": "0", "chosen": [{"role": "0\\u0085\\u2028", "content": "x"}], "rejected": "00"}', "bad_role"),
 ]
 
 
