@@ -4,6 +4,8 @@ equal to transformers' (when transformers is installed)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -188,3 +190,11 @@ def test_cli_round_trip_through_files(tmp_path, fmt: str) -> None:
     assert back_shape == shape and back.keys() == hf.keys()
     for key, tensor in hf.items():
         assert torch.equal(back[key], tensor), key
+    if fmt == "torch_dist":  # the converter writes a checksum manifest; --to-hf verifies it
+        shard = next((tmp_path / "mc" / "iter_0000000").glob("*.distcp"))
+        os.truncate(shard, shard.stat().st_size - 1)
+        with pytest.raises(SystemExit) as info:
+            tool.main(["--to-hf", "--megatron", str(tmp_path / "mc"), "--hf-config",
+                       str(tmp_path / "hf" / "config.json"), "--output", str(tmp_path / "b2"),
+                       *common])
+        assert f"damaged checkpoint: {shard} is truncated" in str(info.value)
