@@ -8,9 +8,10 @@ writer processes during a save. :func:`install` makes every such child die with 
 
 * forked children (``os.fork``, ``multiprocessing`` ``fork``) via an at-fork hook, for
   forks made by the main thread (a death signal follows the forking *thread*);
-* megatron-core's write-results Manager, which :func:`install` starts itself with an
-  initializer that sets the death signal, and hands to megatron-core in place of the one
-  it would start on its first save.
+* megatron-core's write-results Manager (started at the first save): :func:`install`
+  makes megatron-core start :func:`start_manager`'s instead, whose initializer sets the
+  death signal and ignores the SIGTERM/SIGINT sent to the whole process group (the rank
+  handles those, e.g. finishing its step and saving through this very Manager).
 
 Elsewhere than Linux :func:`install` does nothing.
 """
@@ -55,26 +56,43 @@ def _after_fork_in_child() -> None:
         die_with_parent()
 
 
-def _start_results_manager() -> None:
-    """megatron-core's write-results queue, from a Manager that dies with this rank."""
+def _patch_results_queue() -> None:
+    """megatron-core's write-results queue (made at the first save) from :func:`start_manager`."""
     try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     except ImportError:  # pragma: no cover - megatron-core is a dependency
         return
-    if getattr(filesystem_async, "_results_queue", None) is not None:
+    if not hasattr(fa, "_get_write_results_queue") or _state.get("patched"):
         return
-    manager = start_manager()
-    _state["manager"] = manager  # kept alive as long as this rank
-    filesystem_async._results_queue = manager.Queue()
+
+    def get_write_results_queue() -> Any:
+        if fa._results_queue is None:
+            manager = start_manager()
+            _state["manager"] = manager  # kept alive as long as this rank
+            fa._results_queue = manager.Queue()
+        return fa._results_queue
+
+    fa._get_write_results_queue = get_write_results_queue
+    _state["patched"] = True
+
+
+def _manager_init(parent_pid: int) -> None:
+    """In the Manager server: die with the rank, and ignore the SIGTERM/SIGINT sent to the
+    whole process group (Slurm, Ctrl-C), which the rank itself handles (it may still be
+    finishing a step and saving through this Manager)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
 
 
 def start_manager() -> Any:
-    """A started ``multiprocessing`` SyncManager (``spawn``) whose server dies with this process."""
+    """A started ``multiprocessing`` SyncManager (``spawn``) whose server dies with this
+    process (and ignores SIGTERM/SIGINT, which this process handles)."""
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    manager.start(initializer=_manager_init, initargs=(os.getpid(),))
     return manager
 
 
@@ -82,8 +100,8 @@ def install(checkpoint_writer: bool = True) -> None:
     """Make this rank's children die with it (idempotent). Call once per process, early.
 
     Args:
-        checkpoint_writer: also start megatron-core's write-results Manager now (one
-            ``spawn`` process; only needed by runs that save checkpoints).
+        checkpoint_writer: also make megatron-core's write-results Manager (started at
+            the first save) one from :func:`start_manager`.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -91,4 +109,4 @@ def install(checkpoint_writer: bool = True) -> None:
         os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _state["installed"] = True
     if checkpoint_writer:
-        _start_results_manager()
+        _patch_results_queue()

@@ -71,3 +71,20 @@ def _orphans_after_kill(mode: str) -> list[int]:
 def test_children_die_with_a_killed_rank() -> None:
     assert _orphans_after_kill("install") == []
     assert _orphans_after_kill("plain") != []  # without it they stay: what the test guards
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_save_helper_outlives_a_group_sigterm_the_rank_handles() -> None:
+    """Slurm's SIGTERM reaches the whole process group; the rank saves after it through the
+    Manager, so the Manager must not die of it (it dies with the rank instead)."""
+    from adadpo_megatron.trainer.hygiene import start_manager
+
+    manager = start_manager()
+    try:
+        os.kill(manager._process.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        queue = manager.Queue()
+        queue.put(7)
+        assert queue.get(timeout=5) == 7
+    finally:
+        manager.shutdown()
