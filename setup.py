@@ -44,6 +44,8 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
         "hf": ["transformers>=4.45", "gguf>=0.10", "accelerate", "safetensors"],
+        # adadpo-pack's Parquet and save_to_disk inputs (datasets: only the tests write them).
+        "data": ["pyarrow>=14", "datasets>=2.14"],
         # tensorboard: the Megatron-LM suite reads the plugin's TensorBoard scalars back.
         "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.14"],
     },

@@ -6,8 +6,9 @@
         [--chat-template auto|tokenizer|none|chatml|llama3|plain|PATH]
         [--no-bos] [--no-eos] [--bos-token TEXT] [--eos-token TEXT] [--strict] [--overwrite]
 
-Input forms: :mod:`adadpo_megatron.data.records`. BOS/EOS and truncation rules:
-:mod:`adadpo_megatron.data.encode`. Chat templates: :mod:`adadpo_megatron.data.chat_template`.
+Input forms: :mod:`adadpo_megatron.data.records` (rows) and :mod:`adadpo_megatron.data.readers`
+(files: .jsonl, .jsonl.gz, .parquet, datasets' save_to_disk directories). BOS/EOS and
+truncation rules: :mod:`adadpo_megatron.data.encode`. Chat templates: :mod:`adadpo_megatron.data.chat_template`.
 Directory layout: :mod:`adadpo_megatron.data.packed_format`. Read it back with
 :class:`adadpo_megatron.data.packed_dataset.PackedPairDataset`.
 
@@ -21,7 +22,6 @@ so an interrupted run never leaves a ``DIR`` that looks complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -50,13 +50,8 @@ from adadpo_megatron.data.prefix_layout import (
     limit_pairs_per_pack,
     segment_skips,
 )
-from adadpo_megatron.data.records import (
-    PreferenceRecord,
-    RecordRejected,
-    iter_lines,
-    parse_line,
-    printable,
-)
+from adadpo_megatron.data.readers import InputReader, open_input
+from adadpo_megatron.data.records import PreferenceRecord, RecordRejected, printable
 from adadpo_megatron.data.staging import OWNER_FILE, clean_stale_staging, make_staging_dir
 from adadpo_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 from adadpo_megatron.packing import ALGORITHMS, footprints, pack_pairs
@@ -90,7 +85,7 @@ class PackOptions:
     """Everything one run needs; the CLI flags of the same names."""
 
     input: Path
-    """Preference JSONL file."""
+    """Preference pairs: JSONL (.gz), Parquet or a save_to_disk directory (data/readers.py)."""
     output: Path
     """Directory to create."""
     tokenizer: Path
@@ -127,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", type=Path, help="preference JSONL: {prompt, chosen, rejected} per line")
+    p.add_argument(
+        "input",
+        type=Path,
+        help="preference pairs ({prompt, chosen, rejected}): .jsonl, .jsonl.gz, .parquet, or a "
+        "directory written by datasets' save_to_disk",
+    )
     io = p.add_argument_group("input and output")
     io.add_argument("--output", "-o", type=Path, required=True, help="directory to create")
     io.add_argument(
@@ -227,13 +227,13 @@ def _options(args: argparse.Namespace) -> PackOptions:
     )
 
 
-def _progress(opts: PackOptions, total: int) -> Any:
+def _progress(opts: PackOptions, reader: InputReader) -> Any:
     from tqdm import tqdm
 
     enabled = sys.stderr.isatty() if opts.progress is None else opts.progress
     return tqdm(
-        total=total,
-        unit="B",
+        total=reader.total or None,
+        unit=reader.unit,
         unit_scale=True,
         desc="adadpo-pack",
         disable=not enabled,
@@ -244,31 +244,28 @@ def _progress(opts: PackOptions, total: int) -> Any:
 _CHUNK_LINES = 1024  # lines tokenized per batch call (the tokenizers use all cores on a batch)
 
 
-def _read_input(opts: PackOptions, encoder: PairEncoder, writer: PackedWriter) -> dict[str, Any]:
-    """Pass over the input: every line becomes a pair or a reject. Returns input facts."""
-    digest, lines_read = hashlib.sha256(), 0
+def _read_input(
+    opts: PackOptions, reader: InputReader, encoder: PairEncoder, writer: PackedWriter
+) -> dict[str, Any]:
+    """Pass over the input: every line (row) becomes a pair or a reject. Returns input facts."""
+    lines_read = 0
     facts = {"conversational_pairs": 0}
     chunk: list[tuple[int, PreferenceRecord | RecordRejected]] = []
-    with open(opts.input, "rb") as stream, _progress(opts, opts.input.stat().st_size) as bar:
-        for number, raw in iter_lines(stream):
+    with _progress(opts, reader) as bar:
+        for item in reader:
             lines_read += 1
-            digest.update(raw)
-            bar.update(len(raw))
-            try:
-                chunk.append((number, parse_line(raw, number)))
-            except RecordRejected as exc:
-                chunk.append((number, exc))
-            except Exception as exc:  # never let one line stop the run
-                chunk.append((number, RecordRejected("unexpected_error", f"{type(exc).__name__}: {exc}")))
+            bar.update(reader.done - bar.n)
+            chunk.append(item)
             if len(chunk) == _CHUNK_LINES:
-                _flush(chunk, opts, encoder, writer, facts)
-        _flush(chunk, opts, encoder, writer, facts)
-    return {"lines_read": lines_read, "sha256": digest.hexdigest(), **facts}
+                _flush(chunk, opts, reader, encoder, writer, facts)
+        _flush(chunk, opts, reader, encoder, writer, facts)
+    return {"lines_read": lines_read, "sha256": reader.sha256(), **facts}
 
 
 def _flush(
     chunk: list[tuple[int, PreferenceRecord | RecordRejected]],
     opts: PackOptions,
+    reader: InputReader,
     encoder: PairEncoder,
     writer: PackedWriter,
     facts: dict[str, int],
@@ -283,7 +280,7 @@ def _flush(
         if isinstance(outcome, RecordRejected):
             if opts.strict:
                 raise PackError(
-                    f"{opts.input}:{number}: {outcome.reason}: {printable(outcome.detail)} "
+                    f"{reader.location(number)}: {outcome.reason}: {printable(outcome.detail)} "
                     "(--strict stops at the first bad line; without it the line goes to "
                     "rejects.jsonl)"
                 )
@@ -343,7 +340,11 @@ def _meta(
         "format_version": FORMAT_VERSION,
         "created_by": "adadpo-pack",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "input": {"path": str(opts.input.resolve()), "sha256": facts.pop("sha256")},
+        "input": {
+            "path": str(opts.input.resolve()),
+            "format": facts.pop("format"),
+            "sha256": facts.pop("sha256"),
+        },
         "tokenizer": {
             "kind": tok.kind,
             "path": str(tok.path.resolve()),
@@ -409,7 +410,8 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
             output). Nothing is left at ``opts.output`` then, nor any temporary directory.
     """
     out = opts.output
-    readable_file(opts.input, "input")
+    if not Path(opts.input).is_dir():  # a save_to_disk directory: open_input checks it
+        readable_file(opts.input, "input")
     if not Path(opts.tokenizer).is_dir():
         readable_file(opts.tokenizer, "--tokenizer")
     _check_output(out, opts.overwrite)
@@ -418,6 +420,7 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
     except PathError as exc:
         raise PackError(f"--output {out}: {exc}") from None
     try:
+        reader = open_input(opts.input)
         tok = load_tokenizer(opts.tokenizer, bos_token=opts.bos_token, eos_token=opts.eos_token)
         template = resolve_chat_template(opts.chat_template, tok)
         encoder = PairEncoder(tok, template, opts.encode)
@@ -430,7 +433,7 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
     writer: PackedWriter | None = None
     try:
         writer = PackedWriter(tmp, tok)
-        facts = _read_input(opts, encoder, writer)
+        facts = {"format": reader.format, **_read_input(opts, reader, encoder, writer)}
         if facts["lines_read"] != writer.num_pairs + writer.reasons.total():
             raise RuntimeError(
                 f"internal error: {facts['lines_read']} lines read != {writer.num_pairs} packed "

@@ -36,6 +36,7 @@ __all__ = [
     "RecordRejected",
     "iter_lines",
     "parse_line",
+    "parse_record",
     "printable",
     "read_records",
 ]
@@ -263,6 +264,22 @@ def parse_line(raw: bytes, line: int) -> PreferenceRecord:
         raise RecordRejected("malformed_json", f"{exc.msg} at column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:  # int over 4300 digits; nesting too deep
         raise RecordRejected("unreadable_json", f"{type(exc).__name__}: {exc}") from None
+    return parse_record(obj, line)
+
+
+def parse_record(obj: Any, line: int) -> PreferenceRecord:
+    """Validate one decoded row (a JSON object, or a Parquet/Arrow row as a dict) into a record.
+
+    Args:
+        obj: the row; anything else than a dict is rejected as ``wrong_type``.
+        line: its line number (1-based in JSONL; the row index in Parquet/datasets inputs).
+
+    Returns:
+        A :class:`PreferenceRecord`.
+
+    Raises:
+        RecordRejected: the row is unusable; ``reason`` says why (see :data:`REASONS`).
+    """
     if not isinstance(obj, dict):
         raise RecordRejected("wrong_type", f"the line is {_type_name(obj)}, expected a JSON object")
     chosen = _field(obj, "chosen")
