@@ -2,9 +2,8 @@
 
 For each question the base model samples ``k`` replies at temperature 1. ``rejected`` is
 its first wrong reply that ends (an end-of-turn before the token limit) and contains a
-number; ``chosen`` is its first correct reply if it gave one (fully on-policy), else that
-wrong reply with its last number replaced by the correct answer (same wording, right
-result). Questions with no usable wrong reply are left out (the model always got them
+number; ``chosen`` is its first correct reply if it gave one (fully on-policy), else the
+worked form the model itself often uses, ``"23 + 5 = 28"``. Questions with no usable wrong reply are left out (the model always got them
 right). Rows are written in the conversational form adadpo-pack reads, so the model's own
 chat template renders them.
 """
@@ -12,20 +11,12 @@ chat template renders them.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from task import Question, chat, is_correct, last_integer
 
 __all__ = ["make_pairs", "write_jsonl"]
-
-
-def _corrected(reply: str, answer: int) -> str:
-    """``reply`` with its last integer replaced by ``answer``."""
-    matches = list(re.finditer(r"-?\d[\d,]*", reply))
-    last = matches[-1]
-    return reply[:last.start()] + str(answer) + reply[last.end():]
 
 
 def make_pairs(questions: list[Question], samples: list[list[tuple[str, bool]]]
@@ -36,7 +27,7 @@ def make_pairs(questions: list[Question], samples: list[list[tuple[str, bool]]]
     """
     rows: list[dict[str, Any]] = []
     counts = {"questions": len(questions), "pairs": 0, "chosen_sampled": 0,
-              "chosen_corrected": 0, "no_wrong_reply": 0}
+              "chosen_written": 0, "no_wrong_reply": 0}
     for q, replies in zip(questions, samples, strict=True):
         wrong = [r for r, done in replies
                  if done and r and last_integer(r) is not None and not is_correct(q, r)]
@@ -44,8 +35,8 @@ def make_pairs(questions: list[Question], samples: list[list[tuple[str, bool]]]
         if not wrong:
             counts["no_wrong_reply"] += 1
             continue
-        chosen = right[0] if right else _corrected(wrong[0], q.answer)
-        counts["chosen_sampled" if right else "chosen_corrected"] += 1
+        chosen = right[0] if right else f"{q.a} + {q.b} = {q.answer}"
+        counts["chosen_sampled" if right else "chosen_written"] += 1
         assert is_correct(q, chosen) and chosen != wrong[0]
         rows.append({"prompt": chat(q), "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": wrong[0]}],

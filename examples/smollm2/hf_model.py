@@ -77,7 +77,7 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
-                 batch_size: int = 64, samples: int = 1, temperature: float = 0.0,
+                 batch_size: int = 32, samples: int = 1, temperature: float = 0.0,
                  seed: int = 0) -> list[list[tuple[str, bool]]]:
         """Replies to each prompt: ``samples`` of them, greedy when ``temperature`` is 0.
 

@@ -49,8 +49,8 @@ LOSSES = ("dpo", "adadpo")
 MAX_NEW_TOKENS = 16  # the reply budget of every generation (accuracy and negatives)
 TEMPERATURE = 0.7  # sampling temperature of the on-policy negatives
 SIZES = {  # questions, steps, evaluation: the full run and the smoke run
-    "full": {"train_questions": 160, "heldout_questions": 200, "heldout_pairs": 48,
-             "samples": 4, "train_iters": 40, "global_batch_size": 4, "eval_interval": 10},
+    "full": {"train_questions": 240, "heldout_questions": 160, "heldout_pairs": 48,
+             "samples": 4, "train_iters": 50, "global_batch_size": 4, "eval_interval": 10},
     "smoke": {"train_questions": 8, "heldout_questions": 8, "heldout_pairs": 8,
               "samples": 4, "train_iters": 2, "global_batch_size": 1, "eval_interval": 1},
 }
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-iters", type=int, help="optimizer steps (default: by size)")
     p.add_argument("--train-questions", type=int, help="training questions (default: by size)")
     p.add_argument("--heldout-questions", type=int, help="held-out questions (default: by size)")
+    p.add_argument("--jobs", type=int, choices=(1, 2), default=1,
+                   help="2: train DPO and AdaDPO at the same time (one process each)")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     return p
 
@@ -171,17 +173,32 @@ class Pipeline:
         self.sh(sys.executable, "tools/precompute_ref_logprobs.py", *self.common_flags(),
                 "--preference-loss", "dpo", "--ref-load", self.out / "mcore_base")
 
-    def train(self, seed: int, loss: str) -> None:
+    def train_argv(self, seed: int, loss: str) -> list[str]:
         run = self.out / f"seed{seed}" / loss
-        shutil.rmtree(run, ignore_errors=True)
-        self.sh(sys.executable, "-m", "adadpo_megatron.train", *self.common_flags(),
+        return [sys.executable, "-m", "adadpo_megatron.train", *self.common_flags(),
                 "--preference-loss", loss, "--seed", str(seed),
-                "--load", self.out / "mcore_base", "--finetune",
-                "--ref-logprobs", self.out / "data" / "train" / "ref_logprobs.npz",
+                "--load", str(self.out / "mcore_base"), "--finetune",
+                "--ref-logprobs", str(self.out / "data" / "train" / "ref_logprobs.npz"),
                 "--train-iters", str(self.size["train_iters"]), "--lr", str(self.args.lr),
                 "--min-lr", str(self.args.lr / 10), "--lr-warmup-fraction", "0.1",
                 "--eval-interval", str(self.size["eval_interval"]), "--log-interval", "1",
-                "--log-dir", run, "--save", run / "ckpt")
+                "--log-dir", str(run), "--save", str(run / "ckpt")]
+
+    def train(self, seed: int, losses: list[str]) -> None:
+        """Train ``losses`` for ``seed``: one after the other, or at once with ``--jobs 2``
+        (one process per loss, so both see the same machine load)."""
+        for loss in losses:
+            shutil.rmtree(self.out / f"seed{seed}" / loss, ignore_errors=True)
+        batches = [losses] if self.args.jobs > 1 else [[loss] for loss in losses]
+        for batch in batches:
+            procs = []
+            for loss in batch:
+                argv = self.train_argv(seed, loss)
+                print("+", " ".join(argv), flush=True)
+                procs.append((loss, subprocess.Popen(argv, cwd=ROOT, env=self.env)))
+            failed = [loss for loss, p in procs if p.wait()]
+            if failed:
+                raise SystemExit(f"examples/smollm2: training failed for {failed} (seed {seed})")
 
     def export(self, seed: int, loss: str) -> None:
         run = self.out / f"seed{seed}" / loss
@@ -232,10 +249,14 @@ class Pipeline:
         self.stage("pack", out / "data" / "heldout" / "meta.json", self.pack)
         self.stage("reference", out / "data" / "heldout" / "ref_logprobs.npz", self.reference)
         for seed in self.args.seeds:
-            for loss in LOSSES:
-                run = out / f"seed{seed}" / loss
-                self.stage(f"train/seed{seed}/{loss}", run / "hf" / "model.safetensors",
-                           lambda s=seed, n=loss: self.train(s, n))
+            runs = {loss: out / f"seed{seed}" / loss for loss in LOSSES}
+            pending = [loss for loss, run in runs.items()
+                       if not (run / "ckpt" / "latest_checkpointed_iteration.txt").exists()
+                       and not (run / "roundtrip.json").exists()]
+            if pending:
+                self.stage(f"train/seed{seed}/{'+'.join(pending)}", out / "never",
+                           lambda s=seed, p=pending: self.train(s, p))
+            for loss, run in runs.items():
                 self.stage(f"export/seed{seed}/{loss}", run / "roundtrip.json",
                            lambda s=seed, n=loss: self.export(s, n))
                 self.stage(f"evaluate/seed{seed}/{loss}", run / "accuracy.json",

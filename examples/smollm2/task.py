@@ -1,6 +1,6 @@
 """The seeded arithmetic task of the SmolLM2 example: questions, and a program that checks answers.
 
-A question is an addition ``a + b`` (``2 <= a <= 40``, ``2 <= b <= 9``) asked as one user
+A question is an addition ``a + b`` (``2 <= a <= 60``, ``2 <= b <= 9``) asked as one user
 turn, ``"What is 23 + 5? Answer with only the number."``, under the model's default system
 prompt (the chat template adds it). The answer checker takes the *last* integer in the
 model's reply (SmolLM2 often echoes the sum: ``"23 + 5 = 28"``), ignoring thousands
@@ -58,7 +58,7 @@ def is_correct(q: Question, reply: str) -> bool:
     return last_integer(reply) == q.answer
 
 
-A_RANGE = (2, 40)
+A_RANGE = (2, 60)
 B_RANGE = (2, 9)
 
 
