@@ -55,9 +55,6 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= run["heldout_accuracy"] <= 1.0
         assert all(g is not None and g > 0 for g in curves["grad_ratio"])
         assert (out / "seed1" / loss / "hf" / "model.safetensors").is_file()
-    # AdaDPO balances the gradient in policy space: its ratio is 1 unless the clip binds.
-    assert all(abs(g - 1) < 1e-3 or g < 1
-               for g in results["runs"]["adadpo"]["1"]["curves"]["grad_ratio"])
     assert task.is_correct(task.Question(59, 63), "What is 59 + 63? 59 + 63 = 122")
 
 
