@@ -5,7 +5,6 @@ batched generation (greedy for accuracy, sampled for on-policy negatives) with t
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +102,3 @@ class Generator:
                             for s in range(per)])
         return out
 
-
-def threads() -> int:
-    """torch threads to use: OMP_NUM_THREADS when set, else 2."""
-    return int(os.environ.get("OMP_NUM_THREADS", "2"))

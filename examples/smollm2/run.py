@@ -3,7 +3,7 @@
 -> Hugging Face, with the AdaDPO paper's claim (DPO lowers the chosen answer's likelihood;
 AdaDPO's balanced gradients prevent that and give a better model) measured.
 
-    python examples/smollm2/run.py [--out runs/smollm2] [--seeds 1 2 3] [--smoke]
+    python examples/smollm2/run.py [--out runs/smollm2] [--seeds 1 2 3] [--jobs 2] [--smoke]
 
 Stages (each prints its wall time; all of them go into OUT/results.json):
 
