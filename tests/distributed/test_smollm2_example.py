@@ -30,6 +30,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
                           capture_output=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
+    print("stage seconds:", results["stage_seconds"])  # shown with -s: the smoke run's times
     assert results["smoke"] and (out / "smollm2_adadpo_vs_dpo.png").stat().st_size > 0
     assert 0.0 <= results["base_heldout_accuracy"] <= 1.0
     # Held-out questions are never trained on.
