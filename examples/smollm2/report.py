@@ -134,3 +134,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README table: mean ± std over seeds of each final held-out number, per model."""
+    def cell(stat: dict[str, float], fmt: str) -> str:
+        text = format(stat["mean"], fmt)
+        return text + (f" ± {format(stat['std'], fmt)}" if stat["n"] > 1 else "")
+
+    rows = [
+        ("greedy accuracy, held-out questions", "heldout_accuracy", ".3f"),
+        ("reward accuracy, held-out pairs", "heldout_reward_accuracy", ".3f"),
+        ("reward margin (beta-scaled), held-out pairs", "heldout_margin", ".2f"),
+        ("change of chosen summed log-prob since step 0", "delta_logp_chosen", "+.2f"),
+        ("change of rejected summed log-prob since step 0", "delta_logp_rejected", "+.2f"),
+        ("balance/grad_ratio, mean over training steps", "grad_ratio_mean", ".2f"),
+    ]
+    s = results["summary"]
+    lines = ["| held-out metric (end of training) | base | DPO | AdaDPO |", "|---|---|---|---|"]
+    for name, key, fmt in rows:
+        base = format(results["base_heldout_accuracy"], fmt) if key == "heldout_accuracy" else ""
+        lines.append(f"| {name} | {base} | {cell(s['dpo'][key], fmt)} | "
+                     f"{cell(s['adadpo'][key], fmt)} |")
+    return "\n".join(lines)

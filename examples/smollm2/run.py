@@ -263,6 +263,7 @@ class Pipeline:
                            lambda s=seed, n=loss: self.evaluate(s, n))
         self.times["total"] = round(time.perf_counter() - start, 1)
         path = report.write(out, self.args, self.size, self.times)
+        print(report.markdown_table(json.loads(path.read_text())))
         print(f"== wrote {path} and {out / report.PLOT} in {self.times['total']} s")
         return path
 
