@@ -12,6 +12,7 @@ answers' summed log-prob since step 0 (likewise for rejected); step 0 itself is 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def run_summary(run: Path, beta: float) -> dict[str, Any]:
         "eval_margin": [0.0] + [r["eval/rewards/margins"] for r in evals],
         "train_step": [r["step"] for r in train],
         "grad_ratio": [r.get("balance/grad_ratio") for r in train],
+        "log_grad_ratio": [r.get("balance/log_grad_ratio") for r in train],
         "train_loss": [r["loss"] for r in train],
     }
     last = evals[-1]
@@ -48,7 +50,10 @@ def run_summary(run: Path, beta: float) -> dict[str, Any]:
         "heldout_margin": last["eval/rewards/margins"],
         "delta_logp_chosen": last["eval/rewards/chosen"] / beta,
         "delta_logp_rejected": last["eval/rewards/rejected"] / beta,
-        "grad_ratio_mean": statistics.fmean(x for x in curves["grad_ratio"] if x is not None),
+        # exp of the mean log ratio (over pairs and steps): the batch mean of the ratio itself
+        # is dominated by a few pairs whose rejected answer is already very unlikely.
+        "grad_ratio_geomean": math.exp(statistics.fmean(
+            x for x in curves["log_grad_ratio"] if x is not None)),
         "eval_grad_ratio": last.get("eval/balance/grad_ratio"),
         "train_seconds": round(sum(r.get("step_time_s", 0.0) for r in train), 1),
         "roundtrip_max_abs_logit_diff": roundtrip["max_abs_diff"],
@@ -64,7 +69,7 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 SUMMARY_KEYS = ("heldout_accuracy", "heldout_reward_accuracy", "heldout_margin",
-                "delta_logp_chosen", "delta_logp_rejected", "grad_ratio_mean")
+                "delta_logp_chosen", "delta_logp_rejected", "grad_ratio_geomean")
 
 
 def write(out: Path, args: Any, size: dict[str, Any], times: dict[str, float]) -> Path:
@@ -119,7 +124,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
                           label=label(""))
     ax[0, 0].axhline(0, color="grey", lw=0.5)
     ax[0, 0].set(title="held-out: change of summed log-prob since step 0", xlabel="step")
-    ax[0, 1].set(title="balance/grad_ratio (train, 1 = balanced)", xlabel="step")
+    ax[0, 1].set(title="balance/grad_ratio (train batch mean, 1 = balanced)", xlabel="step",
+                 yscale="log")
     ax[1, 0].set(title="held-out reward accuracy", xlabel="step")
     names = ["base", *results["summary"]]
     means = [results["base_heldout_accuracy"],
@@ -148,7 +154,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         ("reward margin (beta-scaled), held-out pairs", "heldout_margin", ".2f"),
         ("change of chosen summed log-prob since step 0", "delta_logp_chosen", "+.2f"),
         ("change of rejected summed log-prob since step 0", "delta_logp_rejected", "+.2f"),
-        ("balance/grad_ratio, mean over training steps", "grad_ratio_mean", ".2f"),
+        ("balance/grad_ratio, geometric mean over training", "grad_ratio_geomean", ".2f"),
     ]
     s = results["summary"]
     lines = ["| held-out metric (end of training) | base | DPO | AdaDPO |", "|---|---|---|---|"]
