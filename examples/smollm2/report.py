@@ -146,7 +146,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     """The README table: mean ± std over seeds of each final held-out number, per model."""
     def cell(stat: dict[str, float], fmt: str) -> str:
         text = format(stat["mean"], fmt)
-        return text + (f" ± {format(stat['std'], fmt)}" if stat["n"] > 1 else "")
+        spread = format(stat["std"], fmt.lstrip("+"))
+        return text + (f" ± {spread}" if stat["n"] > 1 else "")
 
     rows = [
         ("greedy accuracy, held-out questions", "heldout_accuracy", ".3f"),

@@ -261,10 +261,11 @@ class Pipeline:
                            lambda s=seed, n=loss: self.export(s, n))
                 self.stage(f"evaluate/seed{seed}/{loss}", run / "accuracy.json",
                            lambda s=seed, n=loss: self.evaluate(s, n))
-        self.times["total"] = round(time.perf_counter() - start, 1)
+        if self.times:  # some stage ran (a fully reused run has no time of its own)
+            self.times["total"] = round(time.perf_counter() - start, 1)
         path = report.write(out, self.args, self.size, self.times)
         print(report.markdown_table(json.loads(path.read_text())))
-        print(f"== wrote {path} and {out / report.PLOT} in {self.times['total']} s")
+        print(f"== wrote {path} and {out / report.PLOT}")
         return path
 
 
