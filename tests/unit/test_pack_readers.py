@@ -130,12 +130,14 @@ def test_strict_names_the_row(tmp_path, tokenizer, capsys):
     assert f"{src}: row 1: wrong_type" in capsys.readouterr().err
 
 
-def test_missing_column_is_a_missing_field_per_row(tmp_path, tokenizer):
+def test_missing_column_is_a_missing_field_per_row(tmp_path, tokenizer, capsys):
     rows = [{"prompt": "a", "chosen": " b"}, {"prompt": "c", "chosen": " d"}]
     src = write_parquet(tmp_path / "in.parquet", rows)
-    rc, _, meta, rejects = pack(tmp_path, src, tokenizer, name="out")
-    assert rc == 1 and meta["pairs_packed"] == 0  # nothing packed: exit 1, rejects say why
-    assert [(r["line"], r["reason"]) for r in rejects] == [(0, "missing_field"), (1, "missing_field")]
+    rc, out, _, _ = pack(tmp_path, src, tokenizer, name="out")
+    assert rc == 1 and out is None  # nothing packed: nothing published, the message says why
+    err = capsys.readouterr().err
+    assert f"{src}:0: missing_field: no 'rejected' field" in err
+    assert f"{src}:1: missing_field" in err
 
 
 def test_bad_inputs_fail_with_the_path(tmp_path, tokenizer, capsys):
