@@ -197,8 +197,8 @@ def open_input(path: str | Path) -> InputReader:
             raise ValueError(f"input {path} is a datasets DatasetDict (splits: {names}); "
                              f"give one split's directory, e.g. {path}/{names.split(', ')[0]}")
         if not (path / "state.json").is_file():
-            raise ValueError(f"input {path} is a directory but not one written by "
-                             "datasets' save_to_disk (no state.json)")
+            raise ValueError(f"input {path}: is a directory, expected a file or a directory "
+                             "written by datasets' save_to_disk (no state.json there)")
         files = _data_files(path, "datasets")
         return InputReader(path, "datasets", "rows", _row_count(files, "datasets"), 0)
     if not path.is_file():
