@@ -47,7 +47,16 @@ setup(
         # adadpo-pack's Parquet and save_to_disk inputs (datasets: only the tests write them).
         "data": ["pyarrow>=14", "datasets>=2.14"],
         # tensorboard: the Megatron-LM suite reads the plugin's TensorBoard scalars back.
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.14"],
+        # six and pybind11: Megatron-LM's own training loop (tests/megatron_lm) imports six and
+        # compiles its dataset helpers with pybind11 at start-up.
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff>=0.5",
+            "tensorboard>=2.14",
+            "six>=1.16",
+            "pybind11>=2.11",
+        ],
     },
     entry_points={
         "console_scripts": [
