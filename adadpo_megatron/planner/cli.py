@@ -130,6 +130,7 @@ def layout_from_args(args: argparse.Namespace, shape: ModelShape) -> Layout:
         global_batch_size=args.global_batch_size or args.micro_batch_size * max(world // mp, 1),
         dropout=args.hidden_dropout > 0 or args.attention_dropout > 0,
         online_reference=needs_reference and not args.ref_logprobs,
+        logprob_impl=args.logprob_impl,
     )
 
 

@@ -132,7 +132,9 @@ class Layout:
     online_reference: bool = False
     """A frozen reference model is held on the GPUs (no --ref-logprobs)."""
     logprob_chunk_tokens: int = 4096
-    """Tokens per fp32 log-softmax block (logprobs.vocab_parallel_logprobs)."""
+    """Tokens per fp32 log-softmax block (logprobs.vocab_parallel_logprobs, ``chunked``)."""
+    logprob_impl: str = "fused"
+    """--logprob-impl: ``fused`` (no logits tensor) or ``chunked`` (bf16 logits + fp32 blocks)."""
 
     @property
     def dp(self) -> int:
@@ -317,10 +319,24 @@ def activation_bytes(shape: ModelShape, lay: Layout, pp_rank: int) -> float:
     return stored + transient
 
 
+# Tile of fused_logprobs.fused_vocab_parallel_logprobs (its defaults).
+FUSED_CHUNK_TOKENS = 1024
+FUSED_CHUNK_VOCAB = 8192
+
+
 def logits_bytes(shape: ModelShape, lay: Layout) -> float:
-    """Last stage: bf16 logits and their gradient, plus one fp32 log-softmax block."""
+    """Last stage's output-layer + log-prob working memory, in bytes.
+
+    ``chunked``: bf16 logits ``[T, V/TP]`` and their gradient, plus one fp32 log-softmax
+    block. ``fused``: no logits tensor; one logits tile in bf16 and fp32 and its fp32
+    gradient, the fp32 hidden-state gradient ``[T, H]`` and one fp32 weight-gradient block
+    ``[chunk_vocab, H]`` (backward, the larger of the two passes).
+    """
     tokens = lay.seq_length * lay.micro_batch_size / lay.cp
     v_local = shape.padded_vocab(lay.tp) / lay.tp
+    if lay.logprob_impl == "fused":
+        tile = min(FUSED_CHUNK_TOKENS, tokens) * min(FUSED_CHUNK_VOCAB, v_local) * (2 + 4 + 4)
+        return tile + tokens * shape.hidden_size * 4 + min(FUSED_CHUNK_VOCAB, v_local) * shape.hidden_size * 4
     block = min(lay.logprob_chunk_tokens, tokens) * v_local * 4 * 2  # fp32 block + exp temp
     return 2 * tokens * v_local * 2 + block
 

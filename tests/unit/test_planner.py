@@ -19,6 +19,7 @@ from adadpo_megatron.planner.estimate import (
     activation_bytes_per_layer,
     check_layout,
     in_flight_layer_microbatches,
+    logits_bytes,
     memory_per_gpu,
     params_total,
     stage_params,
@@ -127,6 +128,22 @@ def test_context_parallel_and_fp8_shrink_activations() -> None:
     fp8 = activation_bytes_per_layer(shape, dataclasses.replace(base, fp8=True))
     h, d, F = 4096, 128, 14336
     assert full - fp8 == pytest.approx(8192 * (h + 32 * d + h + F) / 2)  # GEMM inputs: 1 byte
+
+
+def test_logits_memory_follows_the_logprob_impl() -> None:
+    shape = PRESETS["llama3-8b"]  # V = 128,256
+    chunked = Layout(tp=1, world_size=1, seq_length=8192, logprob_impl="chunked")
+    fused = dataclasses.replace(chunked, logprob_impl="fused")
+    bf16_logits = 8192 * shape.padded_vocab(1) * 2
+    assert logits_bytes(shape, chunked) > 2 * bf16_logits  # logits and their gradient
+    # fused: one tile (bf16 + fp32 + fp32 grad), fp32 grad of hidden [T, H], fp32 weight block
+    expected = 1024 * 8192 * 10 + 8192 * 4096 * 4 + 8192 * 4096 * 4
+    assert logits_bytes(shape, fused) == pytest.approx(expected)
+    assert logits_bytes(shape, fused) < bf16_logits / 4
+    for impl, lay in (("chunked", chunked), ("fused", fused)):  # the flag reaches the plan
+        argv = ["--model", "llama3-8b", "--seq-length", "8192", "--logprob-impl", impl]
+        logits_gib = plan_from_argv(argv)["memory_gib_per_gpu"]["logits"]
+        assert logits_gib * 2**30 == pytest.approx(logits_bytes(shape, lay))
 
 
 @pytest.mark.parametrize(("pp", "vpp", "m"), [(4, None, 32), (4, 5, 32), (8, 2, 16), (4, None, 2)])
