@@ -57,6 +57,7 @@ def run_summary(run: Path, beta: float) -> dict[str, Any]:
         "eval_grad_ratio": last.get("eval/balance/grad_ratio"),
         "train_seconds": round(sum(r.get("step_time_s", 0.0) for r in train), 1),
         "roundtrip_max_abs_logit_diff": roundtrip["max_abs_diff"],
+        "roundtrip_max_abs_logit_diff_fp64": roundtrip.get("max_abs_diff_fp64"),
         "roundtrip_max_abs_logit": roundtrip["max_abs_logit"],
         "sample_replies": acc["replies"][:5],
         "curves": curves,
