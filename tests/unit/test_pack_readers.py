@@ -4,16 +4,14 @@ Each test builds its small input files itself (pyarrow; ``datasets`` for save_to
 """
 
 import gzip
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "pack"))
-from pack_helpers import write_jsonl, write_wordlevel_tokenizer  # noqa: E402
+from pack_helpers import run_pack, sequences, write_jsonl, write_wordlevel_tokenizer  # noqa: E402
 
-from adadpo_megatron.data import pack_tool  # noqa: E402
 from adadpo_megatron.data.readers import open_input  # noqa: E402
 
 pa = pytest.importorskip("pyarrow")
@@ -80,21 +78,7 @@ NAMES = {"jsonl.gz": "in.jsonl.gz", "parquet": "in.parquet", "datasets": "in_ds"
 
 
 def pack(tmp_path: Path, src: Path, tokenizer: Path, *extra: str, name: str):
-    out = tmp_path / name
-    rc = pack_tool.main([str(src), "--output", str(out), "--tokenizer", str(tokenizer),
-                         *FLAGS, *extra])
-    if not (out / "meta.json").is_file():
-        return rc, None, None, None
-    meta = json.loads((out / "meta.json").read_text())
-    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
-    return rc, out, meta, rejects
-
-
-def sequences(out: Path) -> list[list[int]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(str(out / "tokens"))
-    return [ds[k].tolist() for k in range(len(ds))]
+    return run_pack(src, tmp_path / name, tokenizer, *FLAGS, *extra)
 
 
 @pytest.mark.parametrize("form", ["standard", "conversational"])
@@ -126,7 +110,7 @@ def test_each_format_packs_like_jsonl_with_row_index_rejects(tmp_path, tokenizer
 def test_strict_names_the_row(tmp_path, tokenizer, capsys):
     src = write_parquet(tmp_path / "in.parquet", [r for r, _ in STANDARD])
     rc, out, _, _ = pack(tmp_path, src, tokenizer, "--strict", name="out")
-    assert rc == 1 and out is None
+    assert rc == 1 and not out.exists()
     assert f"{src}: row 1: wrong_type" in capsys.readouterr().err
 
 
@@ -134,7 +118,7 @@ def test_missing_column_is_a_missing_field_per_row(tmp_path, tokenizer, capsys):
     rows = [{"prompt": "a", "chosen": " b"}, {"prompt": "c", "chosen": " d"}]
     src = write_parquet(tmp_path / "in.parquet", rows)
     rc, out, _, _ = pack(tmp_path, src, tokenizer, name="out")
-    assert rc == 1 and out is None  # nothing packed: nothing published, the message says why
+    assert rc == 1 and not out.exists()  # nothing packed: nothing published, the message says why
     err = capsys.readouterr().err
     assert f"{src}:0: missing_field: no 'rejected' field" in err
     assert f"{src}:1: missing_field" in err
@@ -156,7 +140,7 @@ def test_bad_inputs_fail_with_the_path(tmp_path, tokenizer, capsys):
     for src, words in cases.items():
         rc, out, _, _ = pack(tmp_path, src, tokenizer, name="out")
         err = capsys.readouterr().err
-        assert rc == 1 and out is None and str(src) in err and words in err, err
+        assert rc == 1 and not out.exists() and str(src) in err and words in err, err
         assert not list(tmp_path.glob("out.tmp-*"))
     # A split's directory is itself a dataset: it packs.
     rc, _, meta, _ = pack(tmp_path, dd / "train", tokenizer, name="split")

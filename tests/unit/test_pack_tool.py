@@ -1,6 +1,5 @@
 """adadpo-pack end to end: validation and rejects, BOS/EOS, truncation, templates, output dir."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "pack"))
 from pack_helpers import (  # noqa: E402
     mistral_sentencepiece_model,
+    run_pack,
+    sequences,
     train_sentencepiece,
     write_jsonl,
     write_wordlevel_tokenizer,
@@ -38,22 +39,7 @@ def wordlevel(tmp_path: Path) -> Path:
 def run(tmp_path: Path, rows, tokenizer: Path, *flags: str, name: str = "out"):
     """Write rows, run adadpo-pack; return (exit code, output dir, meta or None, rejects)."""
     src = write_jsonl(tmp_path / f"{name}.jsonl", rows)
-    out = tmp_path / name
-    argv = [str(src), "--output", str(out), "--tokenizer", str(tokenizer), *flags]
-    rc = pack_tool.main(argv)
-    if not (out / "meta.json").is_file():
-        return rc, out, None, None
-    meta = json.loads((out / "meta.json").read_text())
-    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
-    return rc, out, meta, rejects
-
-
-def sequences(out: Path) -> list[list[int]]:
-    """Every stored sequence, read with megatron-core's own reader."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(str(out / "tokens"))
-    return [ds[k].tolist() for k in range(len(ds))]
+    return run_pack(src, tmp_path / name, tokenizer, *flags)
 
 
 U = {"role": "user", "content": "x"}

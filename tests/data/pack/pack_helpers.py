@@ -103,3 +103,27 @@ def mistral_sentencepiece_model() -> Path | None:
         return None
     path = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
     return path if path.is_file() else None
+
+
+def run_pack(src: Path, out: Path, tokenizer: Path, *flags: str):
+    """Run adadpo-pack on ``src`` into ``out``.
+
+    Returns (exit code, ``out``, meta dict or None when nothing was published, the rejects
+    as a list of dicts or None).
+    """
+    from adadpo_megatron.data import pack_tool
+
+    rc = pack_tool.main([str(src), "--output", str(out), "--tokenizer", str(tokenizer), *flags])
+    if not (out / "meta.json").is_file():
+        return rc, out, None, None
+    meta = json.loads((out / "meta.json").read_text())
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    return rc, out, meta, rejects
+
+
+def sequences(out: Path) -> list[list[int]]:
+    """Every stored sequence of a packed dataset, read with megatron-core's own reader."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(out / "tokens"))
+    return [ds[k].tolist() for k in range(len(ds))]
