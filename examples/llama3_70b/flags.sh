@@ -4,6 +4,11 @@
 #   PLAN_70B_FLAGS    extra flags for tools/plan_parallel.py (the tokenizer's vocabulary)
 # Paths and run length come from the environment (defaults below).
 #
+# Overrides without a second copy of this list (examples/llama3_70b/rehearse.sh uses them):
+#   ADADPO_70B_SET="--num-layers=4 --hidden-size=64"   replace the value of flags in the list
+#   ADADPO_70B_DROP="--bf16 --fp8-format"             remove flags (and their values)
+# Each override is printed on stderr; naming a flag the list does not hold is an error.
+#
 # Layout (64 GPUs = 8 nodes x 8 H100): TP=8 inside a node (NVLink) with sequence
 # parallelism, PP=4 with 4 virtual chunks of 5 layers per rank (interleaved 1F1B),
 # DP=2 with the distributed optimizer. FP8 hybrid (e4m3 forward, e5m2 gradients) with
@@ -61,3 +66,54 @@ ADADPO_70B_FLAGS=(
 )
 
 PLAN_70B_FLAGS=(--vocab-size 128256)
+
+# --- overrides (ADADPO_70B_SET / ADADPO_70B_DROP, see the top of this file) ---------------
+_adadpo_70b_find() {  # index of flag $1 in ADADPO_70B_FLAGS, or -1
+  local i
+  for i in "${!ADADPO_70B_FLAGS[@]}"; do
+    [[ "${ADADPO_70B_FLAGS[$i]}" == "$1" ]] && { echo "$i"; return; }
+  done
+  echo -1
+}
+_adadpo_70b_nvalues() {  # how many values follow the flag at index $1
+  local n=0 j=$(($1 + 1))
+  while ((j < ${#ADADPO_70B_FLAGS[@]})) && [[ "${ADADPO_70B_FLAGS[$j]}" != --* ]]; do
+    n=$((n + 1)); j=$((j + 1))
+  done
+  echo "$n"
+}
+_adadpo_70b_overrides() {
+  local item flag value i n old
+  for item in ${ADADPO_70B_DROP:-}; do
+    i=$(_adadpo_70b_find "${item}")
+    if ((i < 0)); then
+      echo "flags.sh: ADADPO_70B_DROP names ${item}, which the flag list does not hold" >&2
+      return 1
+    fi
+    n=$(_adadpo_70b_nvalues "$i")
+    echo "flags.sh: drop ${ADADPO_70B_FLAGS[*]:$i:$((n + 1))}" >&2
+    ADADPO_70B_FLAGS=("${ADADPO_70B_FLAGS[@]:0:$i}" "${ADADPO_70B_FLAGS[@]:$((i + n + 1))}")
+  done
+  for item in ${ADADPO_70B_SET:-}; do
+    if [[ "${item}" != --*=* ]]; then
+      echo "flags.sh: ADADPO_70B_SET item '${item}' is not --flag=value" >&2
+      return 1
+    fi
+    flag=${item%%=*}
+    value=${item#*=}
+    i=$(_adadpo_70b_find "${flag}")
+    if ((i < 0)); then
+      echo "flags.sh: ADADPO_70B_SET names ${flag}, which the flag list does not hold" >&2
+      return 1
+    fi
+    n=$(_adadpo_70b_nvalues "$i")
+    if ((n != 1)); then
+      echo "flags.sh: ADADPO_70B_SET: ${flag} takes ${n} values here, not one" >&2
+      return 1
+    fi
+    old=${ADADPO_70B_FLAGS[$((i + 1))]}
+    [[ "${old}" != "${value}" ]] && echo "flags.sh: set ${flag} ${old} -> ${value}" >&2
+    ADADPO_70B_FLAGS[$((i + 1))]=${value}
+  done
+}
+_adadpo_70b_overrides || return 1 2>/dev/null || exit 1

@@ -122,3 +122,42 @@ def test_trainer_validates_the_layout_for_64_gpus() -> None:
     assert cfg.parallel.data_parallel_size == 2
     assert cfg.parallel.virtual_pipeline_model_parallel_size == 4
     assert cfg.training.num_microbatches == 64
+
+
+def _source_flags(env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = f'source "{EXAMPLE / "flags.sh"}" && printf "%s\\0" "${{ADADPO_70B_FLAGS[@]}}"'
+    return subprocess.run(["bash", "-c", script], capture_output=True, env=_clean_env(**env))
+
+
+def test_flags_sh_takes_size_overrides_and_prints_each() -> None:
+    original = _bash_array("ADADPO_70B_FLAGS")
+    done = _source_flags({"ADADPO_70B_SET": "--num-layers=4 --hidden-size=64",
+                          "ADADPO_70B_DROP": "--bf16 --fp8-format"})
+    assert done.returncode == 0, done.stderr
+    flags = done.stdout.decode().split("\0")[:-1]
+    args = build_parser().parse_args(flags)
+    assert (args.num_layers, args.hidden_size, args.bf16, args.fp8) == (4, 64, False, None)
+    # Everything else is the recipe's, in the recipe's order.
+    assert len(flags) == len(original) - 3
+    assert flags[flags.index("--ffn-hidden-size") + 1] == "28672"
+    printed = done.stderr.decode().splitlines()
+    assert printed == ["flags.sh: drop --bf16", "flags.sh: drop --fp8-format hybrid",
+                       "flags.sh: set --num-layers 80 -> 4", "flags.sh: set --hidden-size 8192 -> 64"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ADADPO_70B_SET": "--num-layer=4"}, "names --num-layer, which the flag list does not hold"),
+    ({"ADADPO_70B_SET": "--num-layers 4"}, "is not --flag=value"),
+    ({"ADADPO_70B_DROP": "--fp9"}, "names --fp9, which the flag list does not hold"),
+    ({"ADADPO_70B_SET": "--sequence-parallel=1"}, "takes 0 values here, not one"),
+])
+def test_flags_sh_refuses_a_bad_override(env: dict[str, str], message: str) -> None:
+    done = _source_flags(env)
+    assert done.returncode != 0 and message in done.stderr.decode()
+
+
+def test_launcher_stops_on_a_bad_override() -> None:
+    env = _clean_env(DRY_RUN="1", SKIP_PLAN="1", ADADPO_70B_SET="--no-such-flag=1")
+    done = subprocess.run(["bash", str(EXAMPLE / "train_adadpo_70b.sh")], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode != 0 and "torchrun" not in done.stdout
