@@ -80,11 +80,9 @@ def _layout() -> dict[str, int]:
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside a DDP wrapper (whose own state dict keys would gain 'module.')."""
-    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    from adadpo_megatron.step.model import unwrap_ddp
 
-    while isinstance(chunk, _BaseDataParallel):
-        chunk = chunk.module
-    return chunk
+    return unwrap_ddp(chunk)
 
 
 def _model_sharded(chunks: list[torch.nn.Module], name: str) -> dict[str, Any]:
