@@ -34,15 +34,36 @@ from adadpo_megatron.trainer.arguments import parse_config  # noqa: E402
 
 _EVALS: dict[int, dict] = {}
 _evaluate = loop.evaluate
+_with_reference = loop._with_reference
+# Online reference log-probs seen on this rank: {"train"|"eval": {sequence id: value}}.
+_ONLINE_REF: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+_split = ["train"]
+_ONLINE_BY_CASE: dict[str, dict] = {}
 
 
 def _recording_evaluate(run):
-    metrics = _evaluate(run)
+    _split[0] = "eval"
+    try:
+        metrics = _evaluate(run)
+    finally:
+        _split[0] = "train"
     _EVALS[run.iteration] = dict(metrics)
     return metrics
 
 
-loop.evaluate = _recording_evaluate  # train() calls the module's evaluate
+def _recording_with_reference(run, microbatches, precomputed):
+    out = _with_reference(run, microbatches, precomputed)
+    if precomputed is None and run.reference is not None:
+        for mb in out:
+            if "ref_logps" in mb:  # last pipeline stage
+                seq = 2 * mb["pair_index"] + (~mb["is_chosen"]).long()
+                _ONLINE_REF[_split[0]].update(zip(seq.tolist(), mb["ref_logps"].tolist(),
+                                                  strict=True))
+    return out
+
+
+loop.evaluate = _recording_evaluate  # train() and run_step() call the module's functions
+loop._with_reference = _recording_with_reference
 
 
 def base_args(data: str, evals: str) -> list[str]:
@@ -105,6 +126,8 @@ def _keep_first_checkpoint(src: str, dst: str, iteration: int) -> None:
 
 def case_resume(case: dict, data: str, evals: str, work: str) -> dict:
     args = base_args(data, evals) + case["args"]
+    for split in _ONLINE_REF.values():
+        split.clear()
     full = os.path.join(work, case["name"], "full")
     run, _, losses, eval_full = _train(args + ["--save", full, "--save-interval", "2",
                                                "--eval-interval", "2"])
@@ -112,6 +135,7 @@ def case_resume(case: dict, data: str, evals: str, work: str) -> dict:
     half = os.path.join(work, case["name"], "half")
     _keep_first_checkpoint(full, half, 2)
     run, start, resumed, eval_resumed = _train(args + ["--load", half, "--eval-interval", "2"])
+    _ONLINE_BY_CASE[case["name"]] = {k: dict(v) for k, v in _ONLINE_REF.items()}
     return {"full": {k: v["loss"] for k, v in losses.items()},
             "resumed": {k: v["loss"] for k, v in resumed.items()},
             "resumed_start": start, "eval_full": eval_full, "eval_resumed": eval_resumed,
@@ -140,9 +164,23 @@ def case_precomputed_from(case: dict, data: str, evals: str, work: str) -> dict:
     if torch.distributed.get_rank() == 0:
         os.makedirs(os.path.dirname(sidecar), exist_ok=True)
     torch.distributed.barrier()
-    precompute(cfg, None, sidecar)
+    paths = precompute(cfg, None, sidecar)
+    # The side-cars against the online reference's log-probs of the named case's run.
+    import numpy as np
+
+    online: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(online, _ONLINE_BY_CASE[case["precomputed_from"]])
+    diff, compared = 0.0, 0
+    for split, path in zip(("train", "eval"), paths, strict=True):
+        with np.load(path) as z:
+            side = z["seq_logps"].astype(np.float64)
+        for rank_ref in online:
+            for seq, value in rank_ref[split].items():
+                diff = max(diff, abs(float(side[seq]) - value) / max(1.0, abs(value)))
+                compared += 1
     _, _, losses, eval_metrics = _train(args + ["--ref-logprobs", sidecar, "--eval-interval", "2"])
-    return {"losses": {k: v["loss"] for k, v in losses.items()}, "eval": eval_metrics}
+    return {"losses": {k: v["loss"] for k, v in losses.items()}, "eval": eval_metrics,
+            "sidecar_vs_online_rel": diff, "sidecar_compared": compared}
 
 
 def main() -> None:

@@ -101,6 +101,10 @@ def _check(res: dict, cases: list[dict]) -> None:
             continue
         if "precomputed_from" in case:  # side-car under VPP == the online reference
             src = res[case["precomputed_from"]]
+            # Every log-prob the online reference computed (16 train packs, 7 eval packs)
+            # equals the side-cars' entry.
+            assert r["sidecar_compared"] >= 2 * (16 + 7), r["sidecar_compared"]
+            assert r["sidecar_vs_online_rel"] <= EXACT, r["sidecar_vs_online_rel"]
             _close(r["losses"], src["full"], EXACT, name)
             for step in ("2", "4"):
                 _close(r["eval"][step], src["eval_full"][step], EXACT, f"{name} eval {step}")
