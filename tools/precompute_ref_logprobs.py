@@ -10,7 +10,10 @@ eval split gets its own side-car in its directory, which the trainer picks up.
     torchrun --nproc-per-node 2 tools/precompute_ref_logprobs.py --config run.yaml \\
         --tensor-model-parallel-size 2 --ref-load /ckpt/sft
 
-Takes every trainer flag (model shape, layout, ``--micro-batch-size``, ``--config``).
+Takes every trainer flag (model shape, layout, ``--micro-batch-size``, ``--config``) and
+runs under every layout and schedule the trainer accepts, virtual pipelining included: each
+schedule call gets a training step's micro-batches (the last one padded with discarded
+fillers where the schedule needs it).
 The reference weights come from ``--ref-load`` (else ``--load``); with neither, the model
 initialised from ``--seed``, exactly as the trainer's online reference would be.
 """

@@ -8,7 +8,8 @@ resume, and every weight on every rank (bitwise). The evaluation split has 7 pac
 under PP=2 x VPP=2 every evaluation pads its schedule call with a filler micro-batch; the
 "eval_from" cases evaluate the same step-4 weights at a layout without virtual stages
 (another schedule, another micro-batch count) and must give the same metrics, i.e. the
-means over the 7 real pairs. The "precomputed_from" case precomputes the reference under
+means over the 7 real pairs (one of them loads weights only, with ``--finetune``, into
+virtual chunks at another TP). The "precomputed_from" case precomputes the reference under
 PP=2 x VPP=2 (tools/precompute_ref_logprobs.py: 36 and 7 packs, in calls of a step's 4
 micro-batches, the eval split's last call padded) and trains with it: losses and eval
 metrics equal the online reference's run.
@@ -56,6 +57,10 @@ FOUR_RANKS = [
     dict(name="dp2-pp2-vpp2", args=[*VPP2, *ADADPO]),
     dict(name="tp2-dp2-eval-of-tp2-pp2-vpp2", eval_from="tp2-pp2-vpp2",
          args=[*TP2, "--preference-loss", "simpo"]),
+    # Weights only (--finetune: load_model_weights, as --ref-load and precompute use it)
+    # into virtual chunks at another TP: iteration 0, the same eval metrics.
+    dict(name="dp2-pp2-vpp2-finetune-of-tp2-pp2-vpp2", eval_from="tp2-pp2-vpp2",
+         args=[*VPP2, "--preference-loss", "simpo", "--finetune"]),
 ]
 
 
@@ -96,8 +101,8 @@ def _check(res: dict, cases: list[dict]) -> None:
         name, r = case["name"], res[case["name"]]
         if "eval_from" in case:  # same weights, another schedule: the same means
             src = res[case["eval_from"]]["eval_full"]["4"]
-            assert r["iteration"] == 4
-            _close(r["eval"]["4"], src, LAYOUT, name)
+            assert r["iteration"] == (0 if "--finetune" in case["args"] else 4)
+            _close(r["eval"][str(r["iteration"])], src, LAYOUT, name)
             continue
         if "precomputed_from" in case:  # side-car under VPP == the online reference
             src = res[case["precomputed_from"]]
