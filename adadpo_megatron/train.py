@@ -217,7 +217,7 @@ def build_run(cfg: TrainConfig) -> Run:
                                          prefix_attention=attention)
         run.reference = build_online_reference(
             lambda: build_model_chunks(ref_config, vocab, max_pos, wrap_ddp=False),
-            model, cfg.reference.ref_load)
+            model, cfg.reference.ref_load, load_weights=ckpt.load_model_weights)
         run.reference_step = make_reference_forward_step(
             logprob_impl=cfg.training.logprob_impl)
         run.save_reference = cfg.reference.ref_load is None

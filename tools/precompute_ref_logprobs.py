@@ -10,7 +10,10 @@ eval split gets its own side-car in its directory, which the trainer picks up.
     torchrun --nproc-per-node 2 tools/precompute_ref_logprobs.py --config run.yaml \\
         --tensor-model-parallel-size 2 --ref-load /ckpt/sft
 
-Takes every trainer flag (model shape, layout, ``--micro-batch-size``, ``--config``).
+Takes every trainer flag (model shape, layout, ``--micro-batch-size``, ``--config``) and
+runs under every layout and schedule the trainer accepts, virtual pipelining included: each
+schedule call gets a training step's micro-batches (the last one padded with discarded
+fillers where the schedule needs it).
 The reference weights come from ``--ref-load`` (else ``--load``); with neither, the model
 initialised from ``--seed``, exactly as the trainer's online reference would be.
 """
@@ -74,25 +77,36 @@ def _check_paths(cfg, source: str | None, output: str | None, source_flag: str) 
 
 
 def _sums_for(cfg, chunks, step_fn, ds) -> np.ndarray:
-    """Per-sequence sums [2N] over all packs of ``ds`` (filled on the last PP stage)."""
+    """Per-sequence sums [2N] over all packs of ``ds`` (filled on the last PP stage).
+
+    Each schedule call gets what a training step gives it: ``--micro-batch-size`` packs per
+    micro-batch, a step's count of micro-batches (``TrainingArgs.num_microbatches``) per
+    call, so every schedule (interleaved included) takes it. The last call may be short:
+    ``_schedule`` pads it with filler micro-batches under virtual pipelining and drops their
+    results. Every sequence must then be written exactly once (checked).
+    """
     from megatron.core import parallel_state as ps
 
     from adadpo_megatron.trainer.loop import _schedule, collate_packs
 
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mbs = cfg.training.micro_batch_size
+    per_call = mbs * cfg.training.num_microbatches
     ids = list(range(rank, len(ds), dp))
     device = next(chunks[0].parameters()).device
     values = torch.zeros(2 * ds.num_pairs, dtype=torch.float64, device=device)
     seen = torch.zeros(2 * ds.num_pairs, dtype=torch.float64, device=device)
-    for j in range(0, len(ids), mbs):
-        mb = collate_packs([ds[i] for i in ids[j:j + mbs]])
+    for c in range(0, len(ids), per_call):
+        call = ids[c:c + per_call]
+        group = [collate_packs([ds[i] for i in call[j:j + mbs]]) for j in range(0, len(call), mbs)]
         with torch.no_grad():
-            out = _schedule(chunks, step_fn, [mb], forward_only=True,
+            out = _schedule(chunks, step_fn, group, forward_only=True,
                             collect_non_loss_data=True)
-        if out:  # last pipeline stage
+        if not out:  # not the last pipeline stage
+            continue
+        for mb, sums in zip(group, out, strict=True):
             seq = (2 * mb["pair_index"] + (~mb["is_chosen"]).long()).to(device)
-            values[seq] = out[0].detach().to(device=device, dtype=torch.float64)
+            values[seq] = sums.detach().to(device=device, dtype=torch.float64)
             seen[seq] += 1
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         # SUM over DP: each sequence was computed by exactly one DP rank.

@@ -52,6 +52,7 @@ __all__ = [
     "ModelInputs",
     "is_packed_batch",
     "prepare_model_inputs",
+    "real_token_count",
     "schedule_shape",
     "block_causal_mask",
 ]
@@ -114,6 +115,34 @@ def schedule_shape(batch: Mapping[str, Any]) -> tuple[int, int]:
     if is_packed_batch(batch):
         return int(tokens.shape[0]), 1
     return int(tokens.shape[1]), int(tokens.shape[0])
+
+
+def real_token_count(batch: Mapping[str, Any]) -> int:
+    """Real (non-padding) tokens of a micro-batch, from its loss mask and segment bounds.
+
+    Each sequence (a packed segment ``cu_seqlens[k]:cu_seqlens[k+1]``, or a row of a
+    padded ``[B, S]`` batch) holds its own tokens first, then padding. Its completion
+    ends the sequence and every completion token but the first is a label, so the last
+    scored position ``t`` (``loss_mask[t] = 1``; its label is the final token, EOS) is the
+    second-to-last real token: the sequence has ``t + 2`` real tokens (counted from the
+    segment start; a prefix-shared rejected segment counts the tokens it holds). A
+    sequence with no scored position counts 0. Token ids are never read: id 0 is a real
+    token in the Llama-3 and GPT-2 vocabularies.
+    """
+    mask = batch["loss_mask"]
+    if not is_packed_batch(batch):  # [B, S]: one sequence per row
+        mask = mask.reshape(mask.shape[0], -1) > 0
+        pos = torch.arange(mask.shape[1]).expand_as(mask)
+        last = torch.where(mask, pos, torch.full_like(pos, -2)).amax(dim=1)
+        return int((last + 2).sum())
+    cu = batch["cu_seqlens"].to(device="cpu", dtype=torch.long)
+    mask = mask.reshape(-1).to("cpu") > 0
+    total = int(cu[-1])
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1], output_size=total)
+    pos = torch.arange(total) - cu[:-1][seg]  # position within the segment
+    last = torch.full((cu.numel() - 1,), -2, dtype=torch.long)
+    last = last.scatter_reduce(0, seg[mask], pos[mask], reduce="amax")
+    return int((last + 2).sum())
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, device: torch.device | str) -> torch.Tensor:

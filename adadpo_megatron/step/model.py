@@ -36,6 +36,7 @@ __all__ = [
     "build_model_chunks",
     "default_prefix_attention",
     "transformer_engine_usable",
+    "unwrap_ddp",
 ]
 
 logger = logging.getLogger(__name__)
@@ -368,3 +369,12 @@ def build_model_chunks(
         )
         for i, m in enumerate(chunks)
     ]
+
+
+def unwrap_ddp(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron-core DDP wrappers (whose state dict keys gain 'module.')."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+
+    while isinstance(chunk, _BaseDataParallel):
+        chunk = chunk.module
+    return chunk

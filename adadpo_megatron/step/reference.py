@@ -115,26 +115,32 @@ class PrecomputedReference:
 
 def build_online_reference(build_chunks: Callable[[], list[torch.nn.Module]],
                            policy_chunks: Sequence[torch.nn.Module],
-                           ref_load: str | None) -> list[torch.nn.Module]:
+                           ref_load: str | None,
+                           load_weights: Callable[[str, list[torch.nn.Module]], Any] | None = None,
+                           ) -> list[torch.nn.Module]:
     """The frozen online reference: this rank's chunks, in eval mode, without gradients.
 
     ``build_chunks`` builds fresh (unwrapped) chunks for the current layout with the
     reference's own ``TransformerConfig``. Weights come from ``ref_load`` (a checkpoint
-    directory, any layout dist-checkpointing can reshard) or, when None, are copied from
-    ``policy_chunks`` (the policy's weights at this moment: call it before training).
+    directory, read by ``load_weights(ref_load, chunks)``: the trainer passes
+    ``trainer.checkpointing.load_model_weights``, which reshards any layout) or, when
+    None, are copied from ``policy_chunks`` (the policy's weights at this moment: call it
+    before training).
     """
-    from adadpo_megatron.trainer.checkpointing import _unwrap, load_model_weights
+    from adadpo_megatron.step.model import unwrap_ddp
 
     chunks = build_chunks()
     if len(chunks) != len(policy_chunks):
         raise SidecarError(f"reference has {len(chunks)} chunks, policy {len(policy_chunks)}")
     if ref_load is not None:
-        load_model_weights(ref_load, chunks)
+        if load_weights is None:
+            raise ValueError("build_online_reference: ref_load needs load_weights (e.g. "
+                             "adadpo_megatron.trainer.checkpointing.load_model_weights)")
+        load_weights(ref_load, chunks)
     else:
         with torch.no_grad():
             for ref, pol in zip(chunks, policy_chunks, strict=True):
-                missing = _unwrap(ref).load_state_dict(_unwrap(pol).state_dict(), strict=True)
-                del missing
+                unwrap_ddp(ref).load_state_dict(unwrap_ddp(pol).state_dict(), strict=True)
     for chunk in chunks:
         chunk.eval()
         for p in chunk.parameters():

@@ -80,11 +80,9 @@ def _layout() -> dict[str, int]:
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside a DDP wrapper (whose own state dict keys would gain 'module.')."""
-    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    from adadpo_megatron.step.model import unwrap_ddp
 
-    while isinstance(chunk, _BaseDataParallel):
-        chunk = chunk.module
-    return chunk
+    return unwrap_ddp(chunk)
 
 
 def _model_sharded(chunks: list[torch.nn.Module], name: str) -> dict[str, Any]:
@@ -94,12 +92,18 @@ def _model_sharded(chunks: list[torch.nn.Module], name: str) -> dict[str, Any]:
 
 
 def _optimizer_sharded(optimizer: Any, model_sd: dict[str, Any], is_loading: bool) -> Any:
-    flat: dict[str, Any] = {}
-    for chunk_sd in model_sd.values():
-        flat.update(chunk_sd)
+    """The optimizer's sharded state, mapped onto ``model_sd`` = ``{"model0": ..., ...}``.
+
+    The per-chunk dicts are handed over nested, as Megatron-LM's ``generate_state_dict``
+    does: megatron-core finds each parameter by identity anywhere in the structure. They
+    must not be merged into one dict: with virtual pipelining every chunk has the same
+    local keys (``decoder.layers.0...``), so a merge keeps only the last chunk's tensors
+    and the optimizer fails on the others' ("Param id N does not match any model sharded
+    param").
+    """
     params = inspect.signature(optimizer.sharded_state_dict).parameters
     kwargs = {"metadata": dict(_OPTIM_METADATA)} if "metadata" in params else {}
-    return optimizer.sharded_state_dict(flat, is_loading=is_loading, **kwargs)
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -342,6 +342,12 @@ def _training_args(a: argparse.Namespace, par: ParallelArgs) -> TrainingArgs:
     _require(gbs % (a.micro_batch_size * dp) == 0,
              f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
              f"{a.micro_batch_size} x data-parallel size {dp}")
+    from adadpo_megatron.trainer.schedule_groups import step_count_problem
+
+    problem = step_count_problem(gbs // (a.micro_batch_size * dp),
+                                 par.pipeline_model_parallel_size,
+                                 par.virtual_pipeline_model_parallel_size)
+    _require(problem is None, problem or "")
     _require(a.train_iters is not None and a.train_iters >= 1,
              f"--train-iters must be a positive integer, got {a.train_iters}")
     _require(a.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")

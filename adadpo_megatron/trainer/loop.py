@@ -101,9 +101,13 @@ def _schedule(model: list[torch.nn.Module], step_fn: Callable, microbatches: lis
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from adadpo_megatron.step.batch import schedule_shape
+    from adadpo_megatron.trainer.schedule_groups import pad_for_schedule
 
+    real = len(microbatches)
+    if forward_only:  # any count: fillers up to one the schedule accepts, results dropped
+        microbatches = pad_for_schedule(microbatches, model)
     seq_length, mbs = schedule_shape(microbatches[0])
-    return get_forward_backward_func()(
+    out = get_forward_backward_func()(
         forward_step_func=step_fn,
         data_iterator=_iterators(model, microbatches),
         model=model if len(model) > 1 else model[0],
@@ -113,6 +117,7 @@ def _schedule(model: list[torch.nn.Module], step_fn: Callable, microbatches: lis
         forward_only=forward_only,
         collect_non_loss_data=collect_non_loss_data,
     )
+    return out[:real]  # last stage: one result per micro-batch, in order; [] elsewhere
 
 
 def _with_reference(run: Run, microbatches: list[dict[str, Any]],
@@ -148,10 +153,14 @@ def _device(run: Run) -> torch.device:
 def _counts(microbatches: list[dict[str, Any]], device: torch.device) -> torch.Tensor:
     """[pairs, real tokens, padded tokens] of this rank's micro-batches (from CPU data).
 
-    Real tokens are the non-padding ones (padding is token id 0 in packed datasets).
+    Real tokens: the sequences' own tokens (``step.batch.real_token_count``: from the loss
+    mask and the segment bounds, never from token ids, as id 0 is a real token in many
+    vocabularies); padded: every token the model runs, padding included.
     """
+    from adadpo_megatron.step.batch import real_token_count
+
     pairs = sum(int(mb["pair_index"].numel()) // 2 for mb in microbatches)
-    real = sum(int((mb["tokens"] != 0).sum()) for mb in microbatches)
+    real = sum(real_token_count(mb) for mb in microbatches)
     padded = sum(int(mb["tokens"].numel()) for mb in microbatches)
     return torch.tensor([pairs, real, padded], dtype=torch.float64, device=device)
 
@@ -215,7 +224,10 @@ def _is_logging_rank() -> bool:
 def evaluate(run: Run) -> dict[str, float]:
     """Held-out metrics (``eval/`` names) over --eval-iters global batches (or all packs).
 
-    This DP rank takes packs ``rank, rank + DP, ...`` in order; forward-only.
+    This DP rank takes packs ``rank, rank + DP, ...`` in order; forward-only, in one
+    schedule call. Any count runs under every schedule: under virtual pipelining the call
+    is padded with filler micro-batches whose results are dropped (``_schedule``), so the
+    metrics are exactly the means over the real pairs.
     """
     from megatron.core import parallel_state as ps
 

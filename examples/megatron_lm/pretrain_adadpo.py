@@ -81,9 +81,11 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 def _online_reference():
     """The frozen reference: the same model, weights from --ref-load (torch_dist)."""
     from adadpo_megatron.step.reference import build_online_reference
+    from adadpo_megatron.trainer.checkpointing import load_model_weights
 
     args = _megatron_args()
-    chunks = build_online_reference(lambda: [_gpt(args)], [None], args.ref_load)
+    chunks = build_online_reference(lambda: [_gpt(args)], [None], args.ref_load,
+                                    load_weights=load_model_weights)
     return chunks[0]
 
 
