@@ -47,6 +47,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -60,6 +61,9 @@ __all__ = [
     "initialize_model_parallel_cpu",
     "seed_cpu",
 ]
+
+# Modules whose ``Tensor.type()`` checks accept only CUDA type names (patch 5).
+_CUDA_TYPE_READERS = ("megatron.core.optimizer.",)
 
 # The patches are process-wide by nature; this records that they are in place (idempotence).
 _STATE: dict[str, Any] = {"mode": None}
@@ -81,11 +85,22 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _type_name(func(*args), sys._getframe(1))
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+def _type_name(name: str, caller) -> str:
+    """Patch 5 of the module doc: ``torch.FloatTensor`` reads ``torch.cuda.FloatTensor`` to
+    megatron-core's optimizer modules (``caller`` is the frame that called ``.type()``)."""
+    module = caller.f_globals.get("__name__", "") if caller is not None else ""
+    if module.startswith(_CUDA_TYPE_READERS) and name.startswith("torch.") and ".cuda." not in name:
+        return "torch.cuda." + name[len("torch."):]
+    return name
 
 
 def _cpu_current_device() -> torch.device:
@@ -127,10 +142,35 @@ def enable_cpu_megatron() -> bool:
         torch.cuda.current_device = _cpu_current_device
         torch.cuda.synchronize = _cpu_synchronize
         torch.cuda.current_stream = _cpu_current_stream
+        _stand_in_cuda_rng_state()
         mode = _CudaToCpuMode()
         mode.__enter__()
         _STATE["mode"] = mode
     return True
+
+
+def _no_cuda_rng_state(device: Any = "cuda", clone: bool = False,
+                       graph_safe: bool = False) -> torch.Tensor:
+    """Stands in for megatron-core's ``_get_cuda_rng_state``: there is no CUDA generator."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(new_state: torch.Tensor, device: Any = -1,
+                           graph_safe: bool = False) -> None:
+    """Stands in for megatron-core's ``_set_cuda_rng_state`` (nothing to restore)."""
+    return None
+
+
+def _stand_in_cuda_rng_state() -> None:
+    """Patch 4 of the module doc: activation recompute saves and restores no CUDA RNG."""
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    for name, stand_in in (("_get_cuda_rng_state", _no_cuda_rng_state),
+                           ("_set_cuda_rng_state", _set_no_cuda_rng_state)):
+        if not hasattr(mpu_random, name):
+            raise RuntimeError(f"megatron.core.tensor_parallel.random.{name} is gone: "
+                               "update adadpo_megatron/step/cpu.py for this megatron-core")
+        setattr(mpu_random, name, stand_in)
 
 
 

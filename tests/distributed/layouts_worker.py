@@ -319,11 +319,12 @@ def _microbatches(case, pairs, dp_rank, dp_size):
         start += n
         if j % dp_size != dp_rank:
             continue
+        # Segments padded to 2*CP, times TP under sequence parallelism (DESIGN.md).
+        seg_multiple = 2 * case.get("cp", 1) * (case.get("tp", 1) if case.get("sp") else 1)
         if case["fmt"] == "packed":
-            seg_multiple = 2 * case.get("cp", 1)
             mbs.append(packed_microbatch(group, seg_multiple, pad_to=case.get("pad_to")))
         elif case["fmt"] == "shared":
-            mbs.append(shared_microbatch(group, 2, pad_to=case.get("pad_to")))
+            mbs.append(shared_microbatch(group, seg_multiple, pad_to=case.get("pad_to")))
         else:
             mbs.append(padded_microbatch(group))
     assert start == len(pairs), "the micro-batches must cover the global batch"
@@ -366,6 +367,10 @@ def build_layout(case) -> list:
     options = dict(
         variable_seq_lengths=case.get("variable_seq_lengths", False),
         calculate_per_token_loss=case.get("per_token", False),
+        sequence_parallel=case.get("sp", False),
+        # "recompute": [granularity, method, num_layers] (method/num_layers: full only).
+        **dict(zip(("recompute_granularity", "recompute_method", "recompute_num_layers"),
+                   case.get("recompute", []), strict=False)),
     )
     if case["model"] == "tokenwise":
         module = build_single("tokenwise", **layout, **options)
