@@ -386,6 +386,22 @@ def build_layout(case) -> list:
     return build_model_chunks(config, VOCAB, MAX_LEN, wrap_ddp=True)
 
 
+_RECOMPUTED = [0]  # megatron-core checkpoint() calls (activation recompute) in this case
+
+
+def _count_recompute() -> None:
+    """Counts ``tensor_parallel.checkpoint`` calls (selective and full recompute use it)."""
+    from megatron.core import tensor_parallel
+
+    original = tensor_parallel.checkpoint
+
+    def counted(*args, **kwargs):
+        _RECOMPUTED[0] += 1
+        return original(*args, **kwargs)
+
+    tensor_parallel.checkpoint = counted
+
+
 def run_case(case, pairs, refs) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -399,6 +415,7 @@ def run_case(case, pairs, refs) -> dict:
     )
 
     t0 = time.time()
+    _RECOMPUTED[0] = 0
     chunks = build_layout(case)
     ref = refs[case["model"]]
     gated = MODELS.get(case["model"], {}).get("swiglu", False)
@@ -456,7 +473,7 @@ def run_case(case, pairs, refs) -> dict:
         )
 
     out = dict(grad_rel_err=max(grad_err, chunked_err), params=names, impl_grad_err=impl_err,
-               elapsed=time.time() - t0)
+               elapsed=time.time() - t0, recomputed=_RECOMPUTED[0])
     if metrics:  # last pipeline stage
         out["impl_loss_err"] = abs(float(metrics["loss"]) - float(chunked_metrics["loss"]))
         # Relative for metrics of magnitude > 1, absolute below (accuracies, log-ratios ~ 0).
@@ -477,6 +494,7 @@ def _gather_case(result: dict) -> dict:
         impl_grad_err=max(r["impl_grad_err"] for r in everyone),
         params_covered=sorted({n for r in everyone for n in r["params"]}),
         elapsed=max(r["elapsed"] for r in everyone),
+        recomputed=min(r["recomputed"] for r in everyone),
     )
     last = [r for r in everyone if "loss" in r]
     merged["metric_err"] = max(r["metric_err"] for r in last)
@@ -492,6 +510,7 @@ def main() -> int:
     from adadpo_megatron.step.cpu import init_distributed_cpu
 
     init_distributed_cpu()
+    _count_recompute()
     cases = json.loads(sys.argv[1])
     pairs = make_pairs()
     refs = {m: reference(m, pairs, LossConfig(**LOSS)) for m in sorted({c["model"] for c in cases})}
