@@ -1,8 +1,9 @@
-"""Run megatron-core on a CPU: gloo process groups and three small compatibility patches.
+"""Run megatron-core on a CPU: gloo process groups and five small compatibility patches.
 
-megatron-core assumes CUDA in a handful of places. With the gloo backend, tensor-,
-pipeline-, virtual-pipeline- and data-parallelism (megatron-core DDP, without the
-distributed optimizer) run on the CPU once these three things hold:
+megatron-core assumes CUDA in a handful of places. With the gloo backend, tensor-
+(with sequence parallelism), pipeline-, virtual-pipeline- and data-parallelism
+(megatron-core DDP, with or without the distributed optimizer) and activation recompute
+run on the CPU once these things hold:
 
 1. ``torch.cuda.current_device()`` answers ``torch.device("cpu")``,
    ``torch.cuda.synchronize()`` is a no-op (there is no device to wait for) and
@@ -32,6 +33,27 @@ distributed optimizer) run on the CPU once these three things hold:
    ``fork()`` is a no-op: the training tracker snapshots CUDA generator states.
    :func:`seed_cpu` does this; dropout inside tensor-parallel regions then draws from
    the CPU default generator (tests run with dropout 0).
+
+4. Activation recompute (``--recompute-granularity selective|full``) saves and restores
+   no CUDA RNG state: megatron-core's ``tensor_parallel.random._get_cuda_rng_state``
+   returns an empty tensor and ``_set_cuda_rng_state`` does nothing.
+   Why: ``CheckpointFunction`` and ``CheckpointWithoutOutput`` snapshot
+   ``(CPU state, CUDA state, tracker states)`` before the forward and restore them for
+   the recompute (``tensor_parallel/random.py``: ``_get_all_rng_states``); the CUDA part
+   asks a CPU-only torch for a generator it does not have. On the CPU every draw
+   (dropout included, under the inference tracker of patch 3) comes from the CPU
+   generator, which they still save and restore, so the recompute replays the forward.
+5. ``Tensor.type()`` answers the CUDA type name (``torch.cuda.FloatTensor``) to callers
+   in ``megatron.core.optimizer`` only (the calling frame's module is checked).
+   Why: ``DistributedOptimizer._build_model_and_main_param_groups``
+   (``optimizer/distrib_optimizer.py``) accepts only ``torch.cuda.{Float,Half,BFloat16}
+   Tensor`` parameters. With it, megatron-core's distributed optimizer runs on gloo
+   (``reduce_scatter_tensor`` / ``all_gather_into_tensor``, in gloo since torch 2.x).
+   Its checkpoints need two fixes that hold on any device without apex/TE (torch's
+   Adam), in ``trainer/checkpointing.py``.
+
+Sequence parallelism needs no patch here: megatron-core's torch norms refuse it, so the
+local spec takes ``step/norms.py``'s under ``--sequence-parallel`` (``step/model.py``).
 
 One setting, not a patch, completes this: ``model.build_transformer_config`` turns off
 batched pipeline send/recv (``batch_p2p_comm``) on CPU runs, because gloo pairs the
@@ -130,7 +152,7 @@ def cpu_megatron_enabled() -> bool:
 
 
 def enable_cpu_megatron() -> bool:
-    """Makes megatron-core run on the CPU (patches 1 and 2 of the module doc).
+    """Makes megatron-core run on the CPU (patches 1, 2, 4 and 5 of the module doc).
 
     Idempotent. Does nothing and returns False when ``torch.cuda.is_available()``;
     otherwise installs the patches (once) and returns True. Call it before building
