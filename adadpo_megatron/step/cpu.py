@@ -1,8 +1,9 @@
-"""Run megatron-core on a CPU: gloo process groups and three small compatibility patches.
+"""Run megatron-core on a CPU: gloo process groups and five small compatibility patches.
 
-megatron-core assumes CUDA in a handful of places. With the gloo backend, tensor-,
-pipeline-, virtual-pipeline- and data-parallelism (megatron-core DDP, without the
-distributed optimizer) run on the CPU once these three things hold:
+megatron-core assumes CUDA in a handful of places. With the gloo backend, tensor-
+(with sequence parallelism), pipeline-, virtual-pipeline- and data-parallelism
+(megatron-core DDP, with or without the distributed optimizer) and activation recompute
+run on the CPU once these things hold:
 
 1. ``torch.cuda.current_device()`` answers ``torch.device("cpu")``,
    ``torch.cuda.synchronize()`` is a no-op (there is no device to wait for) and
@@ -33,6 +34,27 @@ distributed optimizer) run on the CPU once these three things hold:
    :func:`seed_cpu` does this; dropout inside tensor-parallel regions then draws from
    the CPU default generator (tests run with dropout 0).
 
+4. Activation recompute (``--recompute-granularity selective|full``) saves and restores
+   no CUDA RNG state: megatron-core's ``tensor_parallel.random._get_cuda_rng_state``
+   returns an empty tensor and ``_set_cuda_rng_state`` does nothing.
+   Why: ``CheckpointFunction`` and ``CheckpointWithoutOutput`` snapshot
+   ``(CPU state, CUDA state, tracker states)`` before the forward and restore them for
+   the recompute (``tensor_parallel/random.py``: ``_get_all_rng_states``); the CUDA part
+   asks a CPU-only torch for a generator it does not have. On the CPU every draw
+   (dropout included, under the inference tracker of patch 3) comes from the CPU
+   generator, which they still save and restore, so the recompute replays the forward.
+5. ``Tensor.type()`` answers the CUDA type name (``torch.cuda.FloatTensor``) to callers
+   in ``megatron.core.optimizer`` only (the calling frame's module is checked).
+   Why: ``DistributedOptimizer._build_model_and_main_param_groups``
+   (``optimizer/distrib_optimizer.py``) accepts only ``torch.cuda.{Float,Half,BFloat16}
+   Tensor`` parameters. With it, megatron-core's distributed optimizer runs on gloo
+   (``reduce_scatter_tensor`` / ``all_gather_into_tensor``, in gloo since torch 2.x).
+   Its checkpoints need two fixes that hold on any device without apex/TE (torch's
+   Adam), in ``trainer/checkpointing.py``.
+
+Sequence parallelism needs no patch here: megatron-core's torch norms refuse it, so the
+local spec takes ``step/norms.py``'s under ``--sequence-parallel`` (``step/model.py``).
+
 One setting, not a patch, completes this: ``model.build_transformer_config`` turns off
 batched pipeline send/recv (``batch_p2p_comm``) on CPU runs, because gloo pairs the
 messages of ``batch_isend_irecv`` wrongly when both pipeline neighbours are one rank
@@ -47,6 +69,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -60,6 +83,9 @@ __all__ = [
     "initialize_model_parallel_cpu",
     "seed_cpu",
 ]
+
+# Modules whose ``Tensor.type()`` checks accept only CUDA type names (patch 5).
+_CUDA_TYPE_READERS = ("megatron.core.optimizer.",)
 
 # The patches are process-wide by nature; this records that they are in place (idempotence).
 _STATE: dict[str, Any] = {"mode": None}
@@ -81,11 +107,22 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _type_name(func(*args), sys._getframe(1))
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+def _type_name(name: str, caller) -> str:
+    """Patch 5 of the module doc: ``torch.FloatTensor`` reads ``torch.cuda.FloatTensor`` to
+    megatron-core's optimizer modules (``caller`` is the frame that called ``.type()``)."""
+    module = caller.f_globals.get("__name__", "") if caller is not None else ""
+    if module.startswith(_CUDA_TYPE_READERS) and name.startswith("torch.") and ".cuda." not in name:
+        return "torch.cuda." + name[len("torch."):]
+    return name
 
 
 def _cpu_current_device() -> torch.device:
@@ -115,7 +152,7 @@ def cpu_megatron_enabled() -> bool:
 
 
 def enable_cpu_megatron() -> bool:
-    """Makes megatron-core run on the CPU (patches 1 and 2 of the module doc).
+    """Makes megatron-core run on the CPU (patches 1, 2, 4 and 5 of the module doc).
 
     Idempotent. Does nothing and returns False when ``torch.cuda.is_available()``;
     otherwise installs the patches (once) and returns True. Call it before building
@@ -127,10 +164,35 @@ def enable_cpu_megatron() -> bool:
         torch.cuda.current_device = _cpu_current_device
         torch.cuda.synchronize = _cpu_synchronize
         torch.cuda.current_stream = _cpu_current_stream
+        _stand_in_cuda_rng_state()
         mode = _CudaToCpuMode()
         mode.__enter__()
         _STATE["mode"] = mode
     return True
+
+
+def _no_cuda_rng_state(device: Any = "cuda", clone: bool = False,
+                       graph_safe: bool = False) -> torch.Tensor:
+    """Stands in for megatron-core's ``_get_cuda_rng_state``: there is no CUDA generator."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(new_state: torch.Tensor, device: Any = -1,
+                           graph_safe: bool = False) -> None:
+    """Stands in for megatron-core's ``_set_cuda_rng_state`` (nothing to restore)."""
+    return None
+
+
+def _stand_in_cuda_rng_state() -> None:
+    """Patch 4 of the module doc: activation recompute saves and restores no CUDA RNG."""
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    for name, stand_in in (("_get_cuda_rng_state", _no_cuda_rng_state),
+                           ("_set_cuda_rng_state", _set_no_cuda_rng_state)):
+        if not hasattr(mpu_random, name):
+            raise RuntimeError(f"megatron.core.tensor_parallel.random.{name} is gone: "
+                               "update adadpo_megatron/step/cpu.py for this megatron-core")
+        setattr(mpu_random, name, stand_in)
 
 
 

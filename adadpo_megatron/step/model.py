@@ -263,7 +263,8 @@ def build_gpt_model(
     ``--make-vocab-size-divisible-by``). The model returns logits ``[B, S, V/TP]`` when
     called with ``labels=None`` (0.16 and 0.19 alike). RoPE angles follow ``position_ids``
     (``step/rotary.py``); ``adadpo_gpt_options.prefix_attention`` swaps in the prefix-shared
-    core attention (``step/attention.py``).
+    core attention (``step/attention.py``). Under sequence parallelism the local spec's
+    norms are ``step/norms.py``'s (megatron-core's torch norms refuse SP).
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -282,9 +283,15 @@ def build_gpt_model(
             "(Megatron-LM --make-vocab-size-divisible-by)"
         )
     opts = getattr(config, "adadpo_gpt_options", None) or GPTOptions()
+    spec = _layer_spec(config, use_te, opts.prefix_attention)
+    if not use_te and config.sequence_parallel:
+        from adadpo_megatron.step.norms import sequence_parallel_norm_spec
+
+        # megatron-core's torch norms refuse sequence parallelism: ours carry its attribute.
+        spec = sequence_parallel_norm_spec(spec, config, vp_stage)
     kwargs: dict[str, Any] = dict(
         config=config,
-        transformer_layer_spec=_layer_spec(config, use_te, opts.prefix_attention),
+        transformer_layer_spec=spec,
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,
@@ -361,8 +368,6 @@ def build_model_chunks(
             overlap_grad_reduce=False,
             use_distributed_optimizer=torch.cuda.is_available(),
         )
-    elif ddp_config.use_distributed_optimizer and not torch.cuda.is_available():
-        raise ValueError("use_distributed_optimizer needs CUDA tensors: disable it for CPU runs")
     return [
         DistributedDataParallel(
             config=config, ddp_config=ddp_config, module=m, disable_bucketing=(i > 0)

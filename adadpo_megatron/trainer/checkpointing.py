@@ -56,7 +56,12 @@ logger = logging.getLogger(__name__)
 
 META = "adadpo_meta.json"
 FORMAT_VERSION = 1
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
+# megatron-core's optimizer sharded_state_dict metadata. The sharding type matters only to
+# the distributed optimizer: "dp_reshardable" is Megatron-LM's default (fully parallel save
+# and load, no gathers; the DP size may change, TP/PP/VPP/CP may not, see
+# _check_optimizer_resumable). megatron-core 0.16's dist-checkpointing refuses the older
+# "fully_sharded_model_space" (flattened ShardedTensors).
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
                    "chained_optim_avoid_prefix": True}
 
 
@@ -91,7 +96,8 @@ def _model_sharded(chunks: list[torch.nn.Module], name: str) -> dict[str, Any]:
             for i, chunk in enumerate(chunks)}
 
 
-def _optimizer_sharded(optimizer: Any, model_sd: dict[str, Any], is_loading: bool) -> Any:
+def _optimizer_sharded(optimizer: Any, model_sd: dict[str, Any], is_loading: bool,
+                       metadata: dict[str, Any] | None = None) -> Any:
     """The optimizer's sharded state, mapped onto ``model_sd`` = ``{"model0": ..., ...}``.
 
     The per-chunk dicts are handed over nested, as Megatron-LM's ``generate_state_dict``
@@ -101,9 +107,58 @@ def _optimizer_sharded(optimizer: Any, model_sd: dict[str, Any], is_loading: boo
     and the optimizer fails on the others' ("Param id N does not match any model sharded
     param").
     """
+    _prime_adam_state(optimizer)
     params = inspect.signature(optimizer.sharded_state_dict).parameters
-    kwargs = {"metadata": dict(_OPTIM_METADATA)} if "metadata" in params else {}
+    # ChainedOptimizer (what get_megatron_optimizer returns) takes it through **kwargs.
+    takes = "metadata" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {"metadata": dict(metadata or _OPTIM_METADATA)} if takes else {}
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
+
+
+def _prime_adam_state(optimizer: Any) -> None:
+    """Give a distributed optimizer's torch Adam the state of step 0 where it has none yet.
+
+    Without apex or Transformer Engine (the CPU, or a GPU without them) megatron-core's
+    distributed optimizer wraps ``torch.optim.Adam``, which creates its state at its first
+    step, and ``DistributedOptimizer.state_dict()`` (called by ``sharded_state_dict``)
+    asserts that every state has a ``step``: resuming (a fresh optimizer) would fail. The
+    state is what Adam's first step would create (step 0, zero moments); a load overwrites
+    it, and a save before any step records exactly that.
+    """
+    for inner in _torch_adams_of_distributed_optimizers(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+
+
+def _torch_adams_of_distributed_optimizers(optimizer: Any) -> list[torch.optim.Adam]:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(sub, DistributedOptimizer)
+            and isinstance(getattr(sub, "optimizer", None), torch.optim.Adam)]
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """Each parameter's torch Adam ``step`` from the checkpoint, after a distributed load.
+
+    Without apex/TE, megatron-core's ``DistributedOptimizer`` saves the Adam step count in
+    its param groups (``group["step"]``), and its ``load_state_dict`` (a) gives every
+    parameter's state one shared ``step`` tensor, which torch's Adam would then increment
+    once per parameter per step, and (b) copies over it the per-bucket ``step`` of the
+    state it was loading into (step 0 from :func:`_prime_adam_state`). Both would spoil the
+    bias correction of every resumed step: each state gets its own tensor holding its
+    group's loaded step.
+    """
+    for adam in _torch_adams_of_distributed_optimizers(optimizer):
+        for group in adam.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                if "step" in adam.state[p]:
+                    adam.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -245,6 +300,33 @@ def _check_fingerprint(ckpt: str, meta: dict[str, Any], fingerprint: str,
         "take only the weights")
 
 
+def _check_optimizer_resumable(ckpt: str, meta: dict[str, Any], config: dict[str, Any]) -> None:
+    """The optimizer state of ``ckpt`` fits this run's optimizer (CheckpointError if not).
+
+    The distributed optimizer's state (flat per-bucket shards) and the plain one's (per
+    parameter) are different objects; a ``dp_reshardable`` distributed-optimizer state
+    reshards over DP only, so TP, PP, virtual PP and CP must match.
+    """
+    saved = bool(meta["config"].get("parallel", {}).get("use_distributed_optimizer", False))
+    now = bool(config.get("parallel", {}).get("use_distributed_optimizer", False))
+    if saved != now:
+        raise CheckpointError(
+            f"{ckpt} was saved {'with' if saved else 'without'} --use-distributed-optimizer, "
+            f"this run is {'with' if now else 'without'} it: its optimizer state does not fit. "
+            "Resume with the same setting, or --finetune to take only the weights")
+    sharding = meta.get("optimizer_metadata", {}).get("distrib_optim_sharding_type")
+    if saved and sharding == "dp_reshardable":
+        old, new = meta["layout"], _layout()
+        keys = ("tp", "pp", "vpp", "cp")
+        if any(old.get(k) != new.get(k) for k in keys):
+            raise CheckpointError(
+                f"{ckpt}: the distributed optimizer's state was saved at "
+                f"{', '.join(f'{k.upper()}={old.get(k)}' for k in keys)} and reshards over "
+                f"data parallelism only; this run has "
+                f"{', '.join(f'{k.upper()}={new.get(k)}' for k in keys)}. Resume at the saved "
+                "layout (any DP size), or --finetune to take only the weights")
+
+
 def _load(state: dict[str, Any], ckpt: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -293,10 +375,12 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
     if reference is not None and not meta["has_reference"]:
         raise CheckpointError(f"{ckpt} holds no reference weights: give --ref-load")
     same_layout = meta["layout"] == _layout()
+    _check_optimizer_resumable(ckpt, meta, config)
 
     model_sd = _model_sharded(model, "model")
     state: dict[str, Any] = dict(model_sd)
-    state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=True)
+    state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=True,
+                                            metadata=meta.get("optimizer_metadata"))
     if reference is not None:
         state.update(_model_sharded(reference, "reference"))
     if same_layout:
@@ -307,7 +391,9 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
         _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     for i, chunk in enumerate(reference or []):
         _unwrap(chunk).load_state_dict(_strip(loaded[f"reference{i}"], "reference."))
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

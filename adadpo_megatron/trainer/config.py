@@ -86,7 +86,7 @@ class ParallelArgs:
     sequence_parallel: bool
     """--sequence-parallel (needs TP > 1)."""
     use_distributed_optimizer: bool
-    """--use-distributed-optimizer (GPU only)."""
+    """--use-distributed-optimizer: Adam state and fp32 master weights sharded over DP."""
     device: str
     """'cpu' (gloo, CPU layers) or 'cuda' (nccl), resolved from --device."""
     world_size: int
@@ -310,13 +310,6 @@ def _parallel_args(a: argparse.Namespace, world_size: int) -> ParallelArgs:
              "--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards "
              "activations over the TP group); drop the flag or raise TP")
     device = _resolve_device(a.device)
-    if device == "cpu":
-        _require(not a.use_distributed_optimizer,
-                 "--use-distributed-optimizer does not run on the CPU (megatron-core's "
-                 "distributed optimizer needs CUDA); drop the flag for CPU runs")
-        _require(not a.sequence_parallel,
-                 "--sequence-parallel does not run on the CPU (it needs Transformer Engine "
-                 "layer norms); drop the flag for CPU runs")
     return ParallelArgs(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,

@@ -319,11 +319,12 @@ def _microbatches(case, pairs, dp_rank, dp_size):
         start += n
         if j % dp_size != dp_rank:
             continue
+        # Segments padded to 2*CP, times TP under sequence parallelism (DESIGN.md).
+        seg_multiple = 2 * case.get("cp", 1) * (case.get("tp", 1) if case.get("sp") else 1)
         if case["fmt"] == "packed":
-            seg_multiple = 2 * case.get("cp", 1)
             mbs.append(packed_microbatch(group, seg_multiple, pad_to=case.get("pad_to")))
         elif case["fmt"] == "shared":
-            mbs.append(shared_microbatch(group, 2, pad_to=case.get("pad_to")))
+            mbs.append(shared_microbatch(group, seg_multiple, pad_to=case.get("pad_to")))
         else:
             mbs.append(padded_microbatch(group))
     assert start == len(pairs), "the micro-batches must cover the global batch"
@@ -366,6 +367,10 @@ def build_layout(case) -> list:
     options = dict(
         variable_seq_lengths=case.get("variable_seq_lengths", False),
         calculate_per_token_loss=case.get("per_token", False),
+        sequence_parallel=case.get("sp", False),
+        # "recompute": [granularity, method, num_layers] (method/num_layers: full only).
+        **dict(zip(("recompute_granularity", "recompute_method", "recompute_num_layers"),
+                   case.get("recompute", []), strict=False)),
     )
     if case["model"] == "tokenwise":
         module = build_single("tokenwise", **layout, **options)
@@ -381,6 +386,22 @@ def build_layout(case) -> list:
     return build_model_chunks(config, VOCAB, MAX_LEN, wrap_ddp=True)
 
 
+_RECOMPUTED = [0]  # megatron-core checkpoint() calls (activation recompute) in this case
+
+
+def _count_recompute() -> None:
+    """Counts ``tensor_parallel.checkpoint`` calls (selective and full recompute use it)."""
+    from megatron.core import tensor_parallel
+
+    original = tensor_parallel.checkpoint
+
+    def counted(*args, **kwargs):
+        _RECOMPUTED[0] += 1
+        return original(*args, **kwargs)
+
+    tensor_parallel.checkpoint = counted
+
+
 def run_case(case, pairs, refs) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -394,6 +415,7 @@ def run_case(case, pairs, refs) -> dict:
     )
 
     t0 = time.time()
+    _RECOMPUTED[0] = 0
     chunks = build_layout(case)
     ref = refs[case["model"]]
     gated = MODELS.get(case["model"], {}).get("swiglu", False)
@@ -451,7 +473,7 @@ def run_case(case, pairs, refs) -> dict:
         )
 
     out = dict(grad_rel_err=max(grad_err, chunked_err), params=names, impl_grad_err=impl_err,
-               elapsed=time.time() - t0)
+               elapsed=time.time() - t0, recomputed=_RECOMPUTED[0])
     if metrics:  # last pipeline stage
         out["impl_loss_err"] = abs(float(metrics["loss"]) - float(chunked_metrics["loss"]))
         # Relative for metrics of magnitude > 1, absolute below (accuracies, log-ratios ~ 0).
@@ -472,6 +494,7 @@ def _gather_case(result: dict) -> dict:
         impl_grad_err=max(r["impl_grad_err"] for r in everyone),
         params_covered=sorted({n for r in everyone for n in r["params"]}),
         elapsed=max(r["elapsed"] for r in everyone),
+        recomputed=min(r["recomputed"] for r in everyone),
     )
     last = [r for r in everyone if "loss" in r]
     merged["metric_err"] = max(r["metric_err"] for r in last)
@@ -487,6 +510,7 @@ def main() -> int:
     from adadpo_megatron.step.cpu import init_distributed_cpu
 
     init_distributed_cpu()
+    _count_recompute()
     cases = json.loads(sys.argv[1])
     pairs = make_pairs()
     refs = {m: reference(m, pairs, LossConfig(**LOSS)) for m in sorted({c["model"] for c in cases})}

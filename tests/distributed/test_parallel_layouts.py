@@ -96,6 +96,22 @@ TWO_RANKS = [
         mb_pairs=[3, 1, 2, 4],
         per_token=True,
     ),
+    # Sequence parallelism (step/norms.py on the CPU): RoPE (llama) and learned positions
+    # (gpt), separate and prefix-shared packs, segments padded to 2*TP. Activation recompute
+    # ("recompute": granularity, method, layers): selective and full (uniform and block),
+    # each on both pack layouts; "recomputed" checks megatron-core's checkpoint() ran.
+    dict(name="tp2sp-packed-selective", model="llama", fmt="packed", tp=2, sp=True,
+         mb_pairs=[3, 1, 2, 4], recompute=["selective"]),
+    dict(name="tp2sp-packed-block", model="gpt", fmt="packed", tp=2, sp=True,
+         mb_pairs=[3, 1, 2, 4], recompute=["full", "block", 1]),
+    dict(name="tp2sp-shared-uniform", model="gpt", fmt="shared", tp=2, sp=True,
+         mb_pairs=[1, 9], recompute=["full", "uniform", 2]),
+    dict(name="tp2sp-shared-selective", model="llama", fmt="shared", tp=2, sp=True,
+         mb_pairs=[4, 1, 3, 2], recompute=["selective"]),
+    dict(name="pp2-shared-block", model="llama", fmt="shared", pp=2, mb_pairs=[3, 1, 6],
+         pad_to=96, recompute=["full", "block", 2]),
+    dict(name="dp2-packed-uniform", model="gpt", fmt="packed", mb_pairs=[3, 1, 2, 2, 2],
+         recompute=["full", "uniform", 1]),
 ]
 FOUR_RANKS = [
     dict(
@@ -122,6 +138,17 @@ FOUR_RANKS = [
     dict(name="tp2pp2-shared", model="llama", fmt="shared", tp=2, pp=2, mb_pairs=[1, 3, 6],
          pad_to=96),
     dict(name="tp2dp2-shared", model="gpt", fmt="shared", tp=2, mb_pairs=[4, 1, 3, 2]),
+    # Sequence parallelism with PP, virtual PP and DP (see TWO_RANKS).
+    dict(name="tp2sp-pp2-packed", model="llama", fmt="packed", tp=2, sp=True, pp=2,
+         mb_pairs=[3, 1, 2, 4], pad_to=96, recompute=["selective"]),
+    dict(name="tp2sp-pp2-shared", model="gpt", fmt="shared", tp=2, sp=True, pp=2,
+         mb_pairs=[1, 3, 6], pad_to=96),
+    dict(name="tp2sp-vpp-packed", model="gpt", fmt="packed", tp=2, sp=True, pp=2, vpp=2,
+         mb_pairs=[3, 1, 2, 4], pad_to=96, recompute=["full", "uniform", 1]),
+    dict(name="tp2sp-dp2-packed", model="gpt", fmt="packed", tp=2, sp=True,
+         mb_pairs=[3, 1, 2, 2, 2]),
+    dict(name="tp2sp-dp2-shared", model="llama", fmt="shared", tp=2, sp=True,
+         mb_pairs=[1, 3, 2, 4], recompute=["full", "block", 1]),
 ]
 
 
@@ -157,6 +184,8 @@ def check(res: dict) -> None:
             loss,
             res["ref_loss"],
         )
+    if res.get("expect_recompute"):
+        assert res["recomputed"] > 0, f"{name}: activation recompute never ran"
     assert res["step0"], f"{name}: no step-0 result"
     for per_rank in res["step0"]:
         for loss_name in ("dpo", "adadpo"):
@@ -175,7 +204,7 @@ def test_layouts_match_single_process(nproc: int, cases: list[dict]) -> None:
     failures = []
     for case in cases:
         try:
-            check(results[case["name"]])
+            check({**results[case["name"]], "expect_recompute": "recompute" in case})
         except AssertionError as exc:
             failures.append(str(exc))
     assert not failures, "\n".join(failures)

@@ -62,9 +62,6 @@ def test_defaults_validate_and_derive():
     (["--global-batch-size", "3"], 2, "--global-batch-size 3 is not divisible"),
     (["--tensor-model-parallel-size", "2"], 3, "world size 3"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
-    (["--use-distributed-optimizer", "--device", "cpu"], 1, "--use-distributed-optimizer"),
-    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--device", "cpu"], 2,
-     "--sequence-parallel does not run on the CPU"),
     (["--fp8-format", "hybrid", "--device", "cpu"], 1, "--fp8-format"),
     (["--bf16", "--device", "cpu"], 1, "--bf16 does not run on the CPU"),
     (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr"),
@@ -81,6 +78,16 @@ def test_defaults_validate_and_derive():
 ])
 def test_invalid_settings_name_the_flag(flags, world, needle):
     assert needle in error_of(*flags, world_size=world)
+
+
+def test_cpu_accepts_the_70b_recipes_parallel_and_memory_flags():
+    # Sequence parallelism, recompute and the distributed optimizer run on the CPU
+    # (step/norms.py, step/cpu.py); tests/distributed/test_train_cpu_layouts.py runs them.
+    cfg = cfg_of("--sequence-parallel", "--tensor-model-parallel-size", "2", "--device", "cpu",
+                 "--use-distributed-optimizer", "--recompute-granularity", "selective",
+                 world_size=4)
+    assert cfg.parallel.sequence_parallel and cfg.parallel.use_distributed_optimizer
+    assert cfg.training.recompute_granularity == "selective"
 
 
 def test_missing_required_values_are_errors():
