@@ -48,6 +48,7 @@ def init_distributed(cfg: TrainConfig) -> None:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
+        **(cfg.arch.parallel_kwargs() if cfg.arch is not None else {}),
     )
     seed = cfg.training.seed
     if p.device == "cpu":
@@ -86,7 +87,8 @@ def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool,
         recompute_granularity=None if reference else t.recompute_granularity,
         recompute_method=None if reference else t.recompute_method,
         recompute_num_layers=None if reference else t.recompute_num_layers,
-        init_method_std=m.init_method_std, **fp8_kwargs)
+        init_method_std=m.init_method_std, **fp8_kwargs,
+        **(cfg.arch.transformer_kwargs(reference=reference) if cfg.arch is not None else {}))
     if not reference:
         config.finalize_model_grads_func = finalize_model_grads
     if prefix_attention is not None:

@@ -222,15 +222,19 @@ def _cpu_pipeline_settings(
 def _layer_spec(config, use_te: bool, prefix_attention: str | None = None):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    # Qwen3 (--qk-layernorm) and MoE (--num-experts) change the layer's submodules.
+    family = dict(
+        qk_layernorm=bool(config.qk_layernorm),
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=bool(config.moe_grouped_gemm),
+    )
     if use_te:
-        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(**family)
     else:
         # 0.16 takes these by keyword; 0.19 forwards *args/**kwargs to
         # get_gpt_layer_local_submodules with the same keyword names. Never pass positionally:
         # the positional order changed between releases.
-        spec = specs.get_gpt_layer_local_spec(
-            qk_layernorm=False, normalization=config.normalization
-        )
+        spec = specs.get_gpt_layer_local_spec(**family, normalization=config.normalization)
     if prefix_attention is not None:
         from adadpo_megatron.step.attention import core_attention_class
 
