@@ -1,4 +1,11 @@
-"""Llama-architecture weights between Hugging Face and megatron-core, at any TP/PP/VPP.
+"""Llama-family weights between Hugging Face and megatron-core, at any TP/PP/VPP (and EP).
+
+Families (``conversion/families.py``): Llama, Mistral, Qwen2/2.5 (``linear_qkv.bias``, laid
+out like the weight's rows), Qwen3 (``self_attention.q_layernorm`` / ``k_layernorm``
+``[d]`` = HF ``q_norm`` / ``k_norm``), Mixtral and Qwen3-MoE (``mlp.router.weight`` ``[E, h]``
+= HF gate; ``mlp.experts.local_experts.e.linear_fc1`` ``[gate_e; up_e]`` and ``linear_fc2``;
+at EP > 1 rank ``r`` holds experts ``[r*E/EP, (r+1)*E/EP)`` numbered from 0, split over
+TP like the dense MLP).
 
 Pure tensor bookkeeping on CPU (no process group); ``tools/convert_hf_to_megatron.py``
 adds the file formats. Names are megatron-core's local-spec ``GPTModel`` names (its

@@ -483,7 +483,10 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
         raise ConfigError(str(e)) from e
     from adadpo_megatron.trainer.moe_config import arch_from_args
 
-    arch = arch_from_args(a, parallel, model)
+    try:
+        arch = arch_from_args(a, parallel, model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return TrainConfig(model=model, parallel=parallel, training=training,
                        optim=_optim_args(a), io=_io_args(a), loss=loss,
                        reference=_reference_args(a, loss), fp8=fp8, exits=exits, arch=arch)

@@ -173,16 +173,11 @@ class ArchSettings:
 
 def arch_from_args(a: argparse.Namespace, parallel: Any, model: Any) -> ArchSettings:
     """``ArchSettings`` for ``config_from_args`` (``parallel``: ParallelArgs, ``model``:
-    ModelArgs); raises ConfigError naming the flag."""
-    from adadpo_megatron.trainer.config import ConfigError
-
-    try:
-        return ArchSettings.from_args(
-            a, tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size,
-            cp=parallel.context_parallel_size, world_size=parallel.world_size,
-            ffn_hidden_size=model.ffn_hidden_size, device=parallel.device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    ModelArgs); raises ValueError naming the flag."""
+    return ArchSettings.from_args(
+        a, tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size,
+        cp=parallel.context_parallel_size, world_size=parallel.world_size,
+        ffn_hidden_size=model.ffn_hidden_size, device=parallel.device)
 
 
 def _checks(*, experts: int, topk: int, ep: int, etp: int, tp: int, pp: int, cp: int,
