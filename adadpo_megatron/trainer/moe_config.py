@@ -120,7 +120,9 @@ class ArchSettings:
         _checks(experts=experts, topk=topk, ep=ep, etp=etp, tp=tp, pp=pp, cp=cp,
                 world_size=world_size, moe_ffn=moe_ffn, device=device,
                 coeff=get("moe_aux_loss_coeff", 0.0), grouped=get("moe_grouped_gemm", False),
-                shared=get("moe_shared_expert_intermediate_size"))
+                shared=get("moe_shared_expert_intermediate_size"),
+                sequence_parallel=bool(get("sequence_parallel", False)),
+                dispatcher=get("moe_token_dispatcher_type", "allgather"))
         return cls(
             kv_channels=kv, add_qkv_bias=bool(get("add_qkv_bias", False)),
             qk_layernorm=bool(get("qk_layernorm", False)), num_experts=experts,
@@ -182,7 +184,7 @@ def arch_from_args(a: argparse.Namespace, parallel: Any, model: Any) -> ArchSett
 
 def _checks(*, experts: int, topk: int, ep: int, etp: int, tp: int, pp: int, cp: int,
             world_size: int, moe_ffn: int, device: str, coeff: float, grouped: bool,
-            shared: int | None) -> None:
+            shared: int | None, sequence_parallel: bool, dispatcher: str) -> None:
     if experts < 1:
         raise ValueError(f"--num-experts must be >= 1, got {experts}")
     if not 1 <= topk <= experts:
@@ -203,6 +205,14 @@ def _checks(*, experts: int, topk: int, ep: int, etp: int, tp: int, pp: int, cp:
     if shared is not None and (shared <= 0 or shared % tp):
         raise ValueError(f"--moe-shared-expert-intermediate-size {shared} must be positive "
                          f"and divisible by --tensor-model-parallel-size {tp}")
+    if tp > 1 and not sequence_parallel:
+        raise ValueError(f"--num-experts with --tensor-model-parallel-size {tp} needs "
+                         "--sequence-parallel (megatron-core's rule for MoE under TP); or keep "
+                         "TP=1 and shard the experts with --expert-tensor-parallel-size")
+    if device == "cpu" and etp > 1 and dispatcher == "alltoall":
+        raise ValueError("--moe-token-dispatcher-type alltoall with --expert-tensor-parallel-size "
+                         f"{etp} does not run on the CPU (gloo cannot all-gather uneven "
+                         "splits): use allgather there")
     if grouped and device == "cpu":
         raise ValueError("--moe-grouped-gemm needs a CUDA GPU (grouped GEMM kernels): drop "
                          "it for CPU runs (the experts then run one after another)")

@@ -112,30 +112,56 @@ def build_layout(case) -> list:
     from adadpo_megatron.step.model import build_model_chunks, build_transformer_config
 
     tp, pp, ep = case.get("tp", 1), case.get("pp", 1), case["ep"]
+    etp = case.get("etp", tp)
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=tp)
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     seed_cpu(99)
     config = build_transformer_config(
         **MOE, tp=tp, pp=pp, sequence_parallel=case.get("sp", False),
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=tp,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
         moe_token_dispatcher_type=case.get("dispatcher", "allgather"))
     config.finalize_model_grads_func = finalize_model_grads
     return build_model_chunks(config, VOCAB, MAX_LEN, wrap_ddp=True)
 
 
-def _rank_key() -> tuple[int, int, int]:
+def _rank_keys() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Converter shard keys of this rank: (TP, PP, EP) for dense tensors, (ETP, PP, EP) for
+    expert tensors (the same unless --expert-tensor-parallel-size differs from TP)."""
     from megatron.core import parallel_state as ps
 
-    assert ps.get_expert_tensor_parallel_rank() == ps.get_tensor_model_parallel_rank()
-    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-            ps.get_expert_model_parallel_rank())
+    pp, ep = ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+    return (ps.get_tensor_model_parallel_rank(), pp, ep), (ps.get_expert_tensor_parallel_rank(),
+                                                           pp, ep)
+
+
+def _is_expert(name: str) -> bool:
+    return ".local_experts." in name
+
+
+def _shard(full, shape, case, key, expert_key):
+    """This rank's weights: dense tensors split over TP, expert tensors over ETP."""
+    from adadpo_megatron.conversion.weights import split
+
+    tp, pp, ep = case.get("tp", 1), case.get("pp", 1), case["ep"]
+    dense = split(full, shape, tp=tp, pp=pp, ep=ep)[key][0]
+    experts = split(full, shape, tp=case.get("etp", tp), pp=pp, ep=ep)[expert_key][0]
+    return {k: experts[k] if _is_expert(k) else v for k, v in dense.items()}
+
+
+def _merge(everyone, shape):
+    """Full gradients from every rank's (dense key, expert key, grads)."""
+    from adadpo_megatron.conversion.weights import merge
+
+    dense = merge({k: [g] for k, _, g in everyone}, shape)
+    experts = merge({k: [g] for _, k, g in everyone}, shape)
+    return {n: experts[n] if _is_expert(n) else g for n, g in dense.items()}
 
 
 def run_case(case, pairs, ref) -> dict:
     from megatron.core import parallel_state as ps
 
-    from adadpo_megatron.conversion.weights import load_into_model, merge, split
+    from adadpo_megatron.conversion.weights import load_into_model
     from adadpo_megatron.losses import LossConfig
     from adadpo_megatron.step.forward_step import (
         StepContext,
@@ -149,10 +175,8 @@ def run_case(case, pairs, ref) -> dict:
 
     t0 = time.time()
     chunks = build_layout(case)
-    shape, key = _shape(), _rank_key()
-    tp, pp, ep = case.get("tp", 1), case.get("pp", 1), case["ep"]
-    shards = split(ref["weights"], shape, tp=tp, pp=pp, ep=ep)
-    load_into_model(chunks[0].module, shards[key if ep > 1 else key[:2]][0])
+    shape, (key, expert_key) = _shape(), _rank_keys()
+    load_into_model(chunks[0].module, _shard(ref["weights"], shape, case, key, expert_key))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mbs = [mb for j, mb in enumerate(microbatches(pairs)) if j % dp_size == dp_rank]
     step = StepContext(num_microbatches=len(mbs), global_num_pairs=len(pairs))
@@ -163,8 +187,8 @@ def run_case(case, pairs, ref) -> dict:
     aux = moe_step_metrics(MOE["moe_aux_loss_coeff"], len(mbs))["moe/aux_loss"]
     mine = {n: p.main_grad.detach().clone() for n, p in chunks[0].module.named_parameters()}
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (key, mine))
-    grads = merge({k if ep > 1 else k[:2]: [g] for k, g in everyone}, shape)
+    dist.all_gather_object(everyone, (key, expert_key, mine))
+    grads = _merge(everyone, shape)
     worst, missing = 0.0, sorted(set(ref["grads"]) - set(grads))
     for name, want in ref["grads"].items():
         if name in grads:
