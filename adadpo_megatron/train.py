@@ -132,8 +132,10 @@ def _open_data(cfg: TrainConfig, path: str, flag: str):
     seg = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
     if p.sequence_parallel:
         seg *= p.tensor_model_parallel_size
-    # Pipeline stages exchange fixed-shape activations: pad every pack to --seq-length.
-    pad_to = cfg.model.seq_length if p.pipeline_model_parallel_size > 1 else None
+    # Pipeline stages exchange fixed-shape activations, and the allgather MoE dispatcher
+    # gathers equal token counts over EP: pad every pack to --seq-length.
+    fixed = cfg.arch is not None and cfg.arch.fixed_length_packs
+    pad_to = cfg.model.seq_length if p.pipeline_model_parallel_size > 1 or fixed else None
     try:
         ds = PackedPairDataset(path, segment_multiple=seg, pack_multiple=pack_multiple(cfg.fp8),
                                pad_to=pad_to)

@@ -226,7 +226,7 @@ class TrainConfig:
         d = self.to_dict()
         shape = {"model": d["model"], "loss": d["loss"]}
         if self.arch is not None and not self.arch.is_default:  # dense runs: as before
-            shape["arch"] = d["arch"]
+            shape["arch"] = self.arch.shape_dict()  # not the layout: EP may change
         blob = json.dumps(shape, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

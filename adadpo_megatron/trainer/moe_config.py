@@ -140,6 +140,22 @@ class ArchSettings:
         """True for a plain dense model (then the checkpoint fingerprint ignores this group)."""
         return self == ArchSettings()
 
+    def shape_dict(self) -> dict[str, Any]:
+        """The fields that define the model (what a checkpoint must agree on to resume);
+        the expert layout and dispatcher are left out, so a run can resume at another EP."""
+        layout = ("moe_token_dispatcher_type", "expert_model_parallel_size",
+                  "expert_tensor_parallel_size", "moe_grouped_gemm")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in layout}
+
+    @property
+    def fixed_length_packs(self) -> bool:
+        """True when every pack must have one length: the ``allgather`` dispatcher gathers
+        the tokens of the EP x expert-TP ranks, which must hold equal counts (``train.py``
+        then pads packs to --seq-length; padding tokens are routed too)."""
+        return (self.num_experts is not None and self.moe_token_dispatcher_type == "allgather"
+                and self.expert_model_parallel_size * (self.expert_tensor_parallel_size or 1) > 1)
+
     def transformer_kwargs(self, *, reference: bool = False) -> dict[str, Any]:
         """``TransformerConfig`` fields. ``reference``: the frozen reference's (no aux loss:
         it routes in eval mode and adds nothing to the loss)."""
