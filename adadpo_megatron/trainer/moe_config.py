@@ -117,6 +117,9 @@ class ArchSettings:
         etp = get("expert_tensor_parallel_size") or tp
         topk = get("moe_router_topk", 2)
         moe_ffn = get("moe_ffn_hidden_size") or ffn_hidden_size
+        if topk == 1 and not get("moe_router_pre_softmax", False):
+            raise ValueError("--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax "
+                             "over one selected logit has zero gradient)")
         _checks(experts=experts, topk=topk, ep=ep, etp=etp, tp=tp, pp=pp, cp=cp,
                 world_size=world_size, moe_ffn=moe_ffn, device=device,
                 coeff=get("moe_aux_loss_coeff", 0.0), grouped=get("moe_grouped_gemm", False),

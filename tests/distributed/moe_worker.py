@@ -158,6 +158,18 @@ def _merge(everyone, shape):
     return {n: experts[n] if _is_expert(n) else g for n, g in dense.items()}
 
 
+def _planned_params(case, pp_rank: int) -> int:
+    """The planner's parameter count for this rank of the case's layout."""
+    from adadpo_megatron.planner.estimate import Layout, ModelShape, stage_params
+
+    shape = ModelShape(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                       num_query_groups=2, vocab_size=VOCAB, qk_layernorm=True, num_experts=4,
+                       moe_router_topk=2, moe_ffn_hidden_size=32)
+    lay = Layout(tp=case.get("tp", 1), pp=case.get("pp", 1), ep=case["ep"],
+                 etp=case.get("etp"), world_size=dist.get_world_size())
+    return sum(stage_params(shape, lay, pp_rank).values())
+
+
 def run_case(case, pairs, ref) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -177,6 +189,8 @@ def run_case(case, pairs, ref) -> dict:
     chunks = build_layout(case)
     shape, (key, expert_key) = _shape(), _rank_keys()
     load_into_model(chunks[0].module, _shard(ref["weights"], shape, case, key, expert_key))
+    planned = _planned_params(case, key[1])
+    real = sum(p.numel() for p in chunks[0].module.parameters())
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mbs = [mb for j, mb in enumerate(microbatches(pairs)) if j % dp_size == dp_rank]
     step = StepContext(num_microbatches=len(mbs), global_num_pairs=len(pairs))
@@ -206,7 +220,7 @@ def run_case(case, pairs, ref) -> dict:
         c.train()
     m0 = reduce_metrics(_schedule(chunks, make_forward_step(
         LossConfig(name="dpo", beta=0.1), step, use_thd=False), mbs, forward_only=True))
-    out = dict(grad_rel_err=worst, missing=missing, aux=aux, ref_aux=ref["aux"],
+    out = dict(planned=planned, real=real, grad_rel_err=worst, missing=missing, aux=aux, ref_aux=ref["aux"],
                ref_loss=ref["loss"], aux_in_eval=leaked, elapsed=time.time() - t0)
     if metrics:
         out.update(loss=float(metrics["loss"]), step0=float(m0["loss"]))
@@ -230,6 +244,7 @@ def main() -> int:
                       ref_aux=ref["aux"], loss=[r["loss"] for r in last], ref_loss=ref["loss"],
                       step0=[r["step0"] for r in last],
                       aux_in_eval=max(r["aux_in_eval"] for r in everyone),
+                      params=[(r["planned"], r["real"]) for r in everyone],
                       elapsed=max(r["elapsed"] for r in everyone))
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(merged), flush=True)
