@@ -89,6 +89,8 @@ def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool,
         recompute_num_layers=None if reference else t.recompute_num_layers,
         init_method_std=m.init_method_std, **fp8_kwargs,
         **(cfg.arch.transformer_kwargs(reference=reference) if cfg.arch is not None else {}))
+    if cfg.arch is not None:  # Llama-3.1 RoPE scaling lives on GPTModel
+        config.adadpo_gpt_options = cfg.arch.gpt_options(config.adadpo_gpt_options)
     if not reference:
         config.finalize_model_grads_func = finalize_model_grads
     if prefix_attention is not None:

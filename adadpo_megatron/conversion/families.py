@@ -115,15 +115,35 @@ def check_options(get, name: str) -> None:
                                  "(every layer must be a plain top-k MoE layer)")
 
 
+# Llama 3.1's RoPE scaling as megatron-core hard-codes it (RotaryEmbedding._apply_scaling).
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
 def rope_theta(get) -> float:
-    """RoPE base from config.json; ValueError naming the field for any rope scaling."""
+    """RoPE base from config.json (see :func:`rope_scaling_factor` for the scaling)."""
     rope = get("rope_parameters") or get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
-        field = "rope_parameters" if get("rope_parameters") else "rope_scaling"
-        raise ValueError(f"config.json {field} rope_type={kind!r}: rope scaling is not "
-                         "supported (megatron-core RoPE without scaling): only 'default'")
     return float(get("rope_theta") or rope.get("rope_theta") or 10000.0)
+
+
+def rope_scaling_factor(get) -> float | None:
+    """Llama-3.1 RoPE scaling factor (megatron-core ``rope_scaling``), None without scaling;
+    ValueError naming the field for any other scaling."""
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    field = "rope_parameters" if get("rope_parameters") else "rope_scaling"
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"config.json {field} rope_type={kind!r}: rope scaling is not "
+                         "supported (megatron-core RoPE): only 'default' and 'llama3'")
+    for key, want in LLAMA3_ROPE.items():
+        if float(rope.get(key, want)) != want:
+            raise ValueError(f"config.json {field} {key}={rope.get(key)}: megatron-core's "
+                             f"llama3 RoPE scaling fixes it at {want:g}")
+    if "factor" not in rope:
+        raise ValueError(f"config.json {field} rope_type='llama3' has no factor")
+    return float(rope["factor"])
 
 
 def moe_fields(get, name: str) -> dict[str, Any]:
@@ -150,10 +170,14 @@ def hf_config(shape, dtype: torch.dtype) -> dict[str, Any]:
         "num_key_value_heads": shape.num_query_groups, "head_dim": shape.head_dim,
         "vocab_size": shape.vocab_size, "tie_word_embeddings": shape.tie_embeddings,
         "rms_norm_eps": shape.norm_epsilon, "rope_theta": shape.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": shape.rope_theta},
         "max_position_embeddings": shape.max_position_embeddings, "hidden_act": "silu",
         "attention_bias": fam.qkv_bias, "mlp_bias": False,
         "torch_dtype": str(dtype).split(".")[-1],
     }
+    if shape.rope_scaling_factor is not None:
+        cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": shape.rope_theta,
+                                  "factor": shape.rope_scaling_factor, **LLAMA3_ROPE}
     if shape.family in ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"):
         cfg.update(sliding_window=None, use_sliding_window=False)
     if shape.family == "mixtral":

@@ -182,6 +182,12 @@ def _build_tp1_model(shape: LlamaShape, padded_vocab: int, dtype: torch.dtype):
         untie_embeddings=not shape.tie_embeddings, bf16=dtype == torch.bfloat16,
         **shape.transformer_kwargs(),
     )
+    if shape.rope_scaling_factor is not None:
+        import dataclasses
+
+        config.adadpo_gpt_options = dataclasses.replace(
+            config.adadpo_gpt_options, rope_scaling=True,
+            rope_scaling_factor=shape.rope_scaling_factor)
     return build_gpt_model(config, padded_vocab, shape.max_position_embeddings, use_te=False)
 
 

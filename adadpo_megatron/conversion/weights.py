@@ -44,6 +44,7 @@ from adadpo_megatron.conversion.families import (
     check_options,
     family_name,
     moe_fields,
+    rope_scaling_factor,
     rope_theta,
 )
 
@@ -93,6 +94,8 @@ class LlamaShape:
     """Qwen3-MoE norm_topk_prob false / --moe-router-pre-softmax."""
     moe_aux_loss_coeff: float = 0.0
     """HF router_aux_loss_coef / --moe-aux-loss-coeff (printed in the trainer flags)."""
+    rope_scaling_factor: float | None = None
+    """Llama-3.1 RoPE scaling (HF rope_type llama3) / --use-rope-scaling --rope-scaling-factor."""
 
     @property
     def qkv_bias(self) -> bool:
@@ -120,6 +123,7 @@ class LlamaShape:
             vocab_size=get("vocab_size"), tie_embeddings=bool(get("tie_word_embeddings", False)),
             norm_epsilon=get("rms_norm_eps", 1e-5), rope_theta=rope_theta(get),
             max_position_embeddings=get("max_position_embeddings", 4096), family=family,
+            rope_scaling_factor=rope_scaling_factor(get),
             **moe_fields(get, family),
         )
 
@@ -136,6 +140,8 @@ class LlamaShape:
         ]
         if self.head_dim * self.num_attention_heads != self.hidden_size:  # Qwen3's head_dim
             flags += ["--kv-channels", str(self.head_dim)]
+        if self.rope_scaling_factor is not None:
+            flags += ["--use-rope-scaling", "--rope-scaling-factor", str(self.rope_scaling_factor)]
         flags += ["--add-qkv-bias"] if self.qkv_bias else []
         flags += ["--qk-layernorm"] if self.qk_layernorm else []
         if self.num_experts:

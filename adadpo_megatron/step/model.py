@@ -53,6 +53,10 @@ class GPTOptions:
     """--rotary-percent: fraction of each head's dims that RoPE rotates."""
     untie_embeddings: bool = False
     """--untie-embeddings-and-output-weights: separate output layer (Llama) vs tied (GPT-2)."""
+    rope_scaling: bool = False
+    """--use-rope-scaling: Llama-3.1 RoPE frequency scaling (megatron-core ``rope_scaling``)."""
+    rope_scaling_factor: float = 8.0
+    """--rope-scaling-factor."""
     prefix_attention: Literal["mask", "flex", "te"] | None = None
     """Core attention for prefix-shared packs (step/attention.py); None: megatron's own.
     Set by the trainer when the data is packed with --prefix-sharing."""
@@ -298,6 +302,8 @@ def build_gpt_model(
         rotary_percent=opts.rotary_percent,
         rotary_base=opts.rotary_base,
     )
+    if opts.rope_scaling:
+        kwargs.update(rope_scaling=True, rope_scaling_factor=opts.rope_scaling_factor)
     if "vp_stage" in inspect.signature(GPTModel.__init__).parameters:
         kwargs["vp_stage"] = vp_stage
     elif vp_stage is not None:

@@ -36,6 +36,10 @@ def add_arch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-channels", type=int, default=None,
                    help="head size (default hidden / heads; Qwen3 sets its own)")
     g.add_argument("--add-qkv-bias", action="store_true", help="bias on q/k/v only (Qwen2)")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama-3.1 RoPE frequency scaling (low 1, high 4, original 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0,
+                   help="its factor (Llama-3.1: 8, Llama-3.2: 32)")
     g.add_argument("--qk-layernorm", action="store_true", help="per-head q/k norm (Qwen3)")
     g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer")
     g.add_argument("--moe-router-topk", type=int, default=2, help="experts per token")
@@ -67,6 +71,8 @@ class ArchSettings:
     """--add-qkv-bias."""
     qk_layernorm: bool = False
     """--qk-layernorm."""
+    rope_scaling_factor: float | None = None
+    """--rope-scaling-factor under --use-rope-scaling; None: no RoPE scaling."""
     num_experts: int | None = None
     """--num-experts; None = dense MLPs."""
     moe_router_topk: int = 2
@@ -97,6 +103,9 @@ class ArchSettings:
         get = lambda name, default=None: getattr(a, name, default)  # noqa: E731
         experts = get("num_experts")
         kv = get("kv_channels")
+        rope = get("rope_scaling_factor", 8.0) if get("use_rope_scaling", False) else None
+        if rope is not None and rope <= 0:
+            raise ValueError(f"--rope-scaling-factor must be positive, got {rope}")
         if kv is not None and kv <= 0:
             raise ValueError(f"--kv-channels must be positive, got {kv}")
         if experts is None:
@@ -112,7 +121,7 @@ class ArchSettings:
                 if value != default:
                     raise ValueError(f"{flag} {value} needs --num-experts N (a MoE model)")
             return cls(kv_channels=kv, add_qkv_bias=bool(get("add_qkv_bias", False)),
-                       qk_layernorm=bool(get("qk_layernorm", False)))
+                       qk_layernorm=bool(get("qk_layernorm", False)), rope_scaling_factor=rope)
         ep = get("expert_model_parallel_size", 1)
         etp = get("expert_tensor_parallel_size") or tp
         topk = get("moe_router_topk", 2)
@@ -129,6 +138,7 @@ class ArchSettings:
         return cls(
             kv_channels=kv, add_qkv_bias=bool(get("add_qkv_bias", False)),
             qk_layernorm=bool(get("qk_layernorm", False)), num_experts=experts,
+            rope_scaling_factor=rope,
             moe_router_topk=topk, moe_ffn_hidden_size=moe_ffn,
             moe_shared_expert_intermediate_size=get("moe_shared_expert_intermediate_size"),
             moe_router_pre_softmax=bool(get("moe_router_pre_softmax", False)),
@@ -183,6 +193,13 @@ class ArchSettings:
             moe_grouped_gemm=self.moe_grouped_gemm,
         )
         return kw
+
+    def gpt_options(self, opts: Any) -> Any:
+        """``GPTOptions`` (``step/model.py``) with this run's RoPE scaling."""
+        if self.rope_scaling_factor is None:
+            return opts
+        return dataclasses.replace(opts, rope_scaling=True,
+                                   rope_scaling_factor=self.rope_scaling_factor)
 
     def parallel_kwargs(self) -> dict[str, Any]:
         """``parallel_state.initialize_model_parallel`` arguments for the expert layout."""

@@ -6,6 +6,7 @@ model; unsupported options are refused naming the config.json field."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -219,7 +220,9 @@ def test_qwen3_moe_without_topk_renormalisation_is_pre_softmax(tmp_path) -> None
 
 @pytest.mark.parametrize(("family", "extra", "field"), [
     ("mistral", {"sliding_window": 16}, "sliding_window=16"),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type='llama3'"),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 2.0}},
+     "high_freq_factor=2.0"),
     ("llama", {"attention_bias": True}, "attention_bias=true"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers=[1]"),
     ("qwen2", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
@@ -237,6 +240,47 @@ def test_unsupported_options_are_refused_naming_the_field(tmp_path, family, extr
     with pytest.raises(SystemExit) as info:
         _tool().main(["--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "o")])
     assert field in str(info.value)
+
+
+def test_llama31_rope_scaling(tmp_path) -> None:
+    """Llama-3.1's llama3 RoPE scaling (megatron-core rope_scaling): logits and round trip."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    model = random_model(tiny_config("llama", rope_parameters=rope,
+                                     max_position_embeddings=16384))
+    path = tmp_path / "hf"
+    model.save_pretrained(path)
+    hf, shape = read_hf(str(path))
+    assert shape.rope_scaling_factor == 8.0 and shape.rope_theta == 500000.0
+    flags = shape.trainer_flags()
+    assert flags[flags.index("--use-rope-scaling"):][:3] == [
+        "--use-rope-scaling", "--rope-scaling-factor", "8.0"]
+    from adadpo_megatron.step.model import GPTOptions
+    from adadpo_megatron.trainer.arguments import build_parser
+    from adadpo_megatron.trainer.config import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(
+        [*flags, "--data-path", "x", "--train-iters", "1", "--device", "cpu"]), world_size=1)
+    opts = cfg.arch.gpt_options(GPTOptions())
+    assert (opts.rope_scaling, opts.rope_scaling_factor) == (True, 8.0)
+    tokens = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(1))
+    ours = _megatron_logits(shape, hf_to_megatron(hf, shape), tokens, torch.float64)
+    with torch.no_grad():
+        theirs = model.double()(tokens).logits
+    assert float((ours - theirs).abs().max()) <= 1e-6
+    # Without the scaling the logits differ: the test sees it.
+    plain = dataclasses.replace(shape, rope_scaling_factor=None)
+    assert float((_megatron_logits(plain, hf_to_megatron(hf, plain), tokens, torch.float64)
+                  - theirs).abs().max()) > 1e-3
+    tool = _tool()
+    assert tool.main(["--hf", str(path), "--output", str(tmp_path / "mc"), "--dtype", "fp32"]) == 0
+    assert tool.main(["--to-hf", "--megatron", str(tmp_path / "mc"), "--hf-config",
+                      str(path / "config.json"), "--output", str(tmp_path / "back"),
+                      "--dtype", "fp32"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back.double()(tokens).logits, theirs, rtol=0, atol=0)
 
 
 def test_unknown_family_is_refused() -> None:
