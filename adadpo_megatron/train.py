@@ -196,6 +196,10 @@ def build_run(cfg: TrainConfig) -> Run:
     config = _transformer_config(cfg, transformer_config_kwargs(cfg.fp8), reference=False,
                                  prefix_attention=attention)
     model = build_model_chunks(config, vocab, max_pos, wrap_ddp=True, ddp_config=ddp_config(cfg))
+    if cfg.arch is not None and cfg.arch.num_experts:  # moe/load_imbalance
+        from adadpo_megatron.trainer.moe_metrics import watch_routers
+
+        watch_routers(model)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     try:

@@ -185,7 +185,8 @@ def run_step(run: Run) -> tuple[dict[str, float], Any]:
     if cfg.arch is not None and cfg.arch.num_experts:  # router load-balancing loss
         from adadpo_megatron.trainer.moe_metrics import moe_step_metrics
 
-        metrics.update(moe_step_metrics(cfg.arch.moe_aux_loss_coeff, len(microbatches)))
+        metrics.update(moe_step_metrics(cfg.arch.moe_aux_loss_coeff, len(microbatches),
+                                        run.model))
     return metrics, result
 
 

@@ -10,6 +10,13 @@ autograd): over the pipeline group (each stage tracks its own layers), over the 
 TP x CP group (each rank holds its share of the loss, see ``switch_load_balancing_loss_func``)
 and over the DP group; then divided by DP and the micro-batch count. gloo has no AVG, hence
 sums. The tracker is zeroed afterwards.
+
+``moe/load_imbalance``: per MoE layer, the step's token-to-expert assignments counted by a
+forward hook on each router (:func:`watch_routers`; training passes only), summed over the
+router's TP x CP group and DP, then ``max over experts / mean over experts`` (1.0 = every
+expert got the same number of tokens; padding tokens count too), averaged over the layers
+(SUM over the pipeline group). The per-expert counts stay on the routers
+(``_adadpo_expert_load``) until the next step.
 """
 
 from __future__ import annotations
@@ -17,13 +24,55 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["moe_step_metrics"]
+__all__ = ["moe_step_metrics", "watch_routers"]
 
 _TRACKED = {"load_balancing_loss": "aux_loss", "seq_load_balancing_loss": "seq_aux_loss"}
 
 
-def moe_step_metrics(coeff: float, num_microbatches: int) -> dict[str, float]:
-    """``{"moe/aux_loss": float}`` for the step just run (0.0 without an aux loss).
+def _count_assignments(router, args, output) -> None:
+    if router.training and torch.is_grad_enabled():
+        routing_map = output[1]  # [tokens, E] bool: which experts each token goes to
+        router._adadpo_expert_load += routing_map.sum(0).detach().to(torch.float64).cpu()
+
+
+def watch_routers(chunks) -> int:
+    """Count each router's token-to-expert assignments (a forward hook); returns the number
+    of routers found in ``chunks`` (this rank's policy model chunks)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    found = 0
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, TopKRouter) and not hasattr(module, "_adadpo_expert_load"):
+                module._adadpo_expert_load = torch.zeros(module.config.num_moe_experts,
+                                                         dtype=torch.float64)
+                module.register_forward_hook(_count_assignments)
+                found += 1
+    return found
+
+
+def _load_imbalance(chunks) -> float:
+    from megatron.core import parallel_state as ps
+
+    ratios = torch.zeros(2, dtype=torch.float64)  # [sum of max/mean over layers, layers]
+    for chunk in chunks:
+        for module in chunk.modules():
+            load = getattr(module, "_adadpo_expert_load", None)
+            if load is None:
+                continue
+            total = load.clone()
+            dist.all_reduce(total, group=module.tp_cp_group)
+            dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=False))
+            if total.sum() > 0:
+                ratios += torch.stack([total.max() / total.mean(), torch.ones((), dtype=total.dtype)])
+            load.zero_()
+    dist.all_reduce(ratios, group=ps.get_pipeline_model_parallel_group())
+    return float(ratios[0] / ratios[1].clamp(min=1))
+
+
+def moe_step_metrics(coeff: float, num_microbatches: int, chunks=()) -> dict[str, float]:
+    """``moe/aux_loss`` (0.0 without an aux loss) and, when :func:`watch_routers` watches
+    ``chunks``' routers, ``moe/load_imbalance``, for the step just run.
 
     Call on every rank after the policy's forward-backward (it runs collectives).
     """
@@ -44,4 +93,7 @@ def moe_step_metrics(coeff: float, num_microbatches: int) -> dict[str, float]:
         total += values.sum()
         entry["values"].zero_()
     dp = ps.get_data_parallel_world_size(with_context_parallel=False)
-    return {"moe/aux_loss": float(total) * coeff / (dp * num_microbatches)}
+    out = {"moe/aux_loss": float(total) * coeff / (dp * num_microbatches)}
+    if chunks:
+        out["moe/load_imbalance"] = _load_imbalance(chunks)
+    return out

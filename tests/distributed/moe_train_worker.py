@@ -60,7 +60,7 @@ def _train(argv: list[str]) -> tuple[dict, int]:
         train(run)
     finally:
         run.writer.close()
-    keep = ("loss", "moe/aux_loss")
+    keep = ("loss", "moe/aux_loss", "moe/load_imbalance")
     return {str(k): {n: v[n] for n in keep if n in v} for k, v in sorted(record.items())}, start
 
 

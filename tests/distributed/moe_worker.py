@@ -82,6 +82,9 @@ def reference(pairs) -> dict:
 
     initialize_model_parallel_cpu(tp=1, pp=1, seed=1234)
     model = build_gpt_model(build_transformer_config(**MOE), VOCAB, MAX_LEN)
+    from adadpo_megatron.trainer.moe_metrics import watch_routers
+
+    assert watch_routers([model]) == MOE["num_layers"]
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()
                if isinstance(v, torch.Tensor)}
     mbs = microbatches(pairs)
@@ -100,8 +103,12 @@ def reference(pairs) -> dict:
         (loss / undo).backward()
         total += float(report["loss"][0])
     aux = _tracked_aux() * MOE["moe_aux_loss_coeff"] / m
+    loads = [mod._adadpo_expert_load for mod in model.modules()
+             if hasattr(mod, "_adadpo_expert_load")]
+    imbalance = sum(float(x.max() / x.mean()) for x in loads) / len(loads)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return dict(weights=weights, grads=grads, loss=total / len(pairs), aux=aux)
+    return dict(weights=weights, grads=grads, loss=total / len(pairs), aux=aux,
+                imbalance=imbalance)
 
 
 def build_layout(case) -> list:
@@ -183,7 +190,7 @@ def run_case(case, pairs, ref) -> dict:
         reduce_metrics,
     )
     from adadpo_megatron.trainer.loop import _schedule
-    from adadpo_megatron.trainer.moe_metrics import moe_step_metrics
+    from adadpo_megatron.trainer.moe_metrics import moe_step_metrics, watch_routers
 
     t0 = time.time()
     chunks = build_layout(case)
@@ -196,9 +203,11 @@ def run_case(case, pairs, ref) -> dict:
     step = StepContext(num_microbatches=len(mbs), global_num_pairs=len(pairs))
     fwd = make_forward_step(LossConfig(**LOSS), step, use_thd=False, logprob_impl="fused")
     _tracked_aux()
+    watch_routers(chunks)
     chunks[0].zero_grad_buffer()
     metrics = reduce_metrics(_schedule(chunks, fwd, mbs, forward_only=False))
-    aux = moe_step_metrics(MOE["moe_aux_loss_coeff"], len(mbs))["moe/aux_loss"]
+    moe_metrics = moe_step_metrics(MOE["moe_aux_loss_coeff"], len(mbs), chunks)
+    aux, imbalance = moe_metrics["moe/aux_loss"], moe_metrics["moe/load_imbalance"]
     mine = {n: p.main_grad.detach().clone() for n, p in chunks[0].module.named_parameters()}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (key, expert_key, mine))
@@ -220,7 +229,7 @@ def run_case(case, pairs, ref) -> dict:
         c.train()
     m0 = reduce_metrics(_schedule(chunks, make_forward_step(
         LossConfig(name="dpo", beta=0.1), step, use_thd=False), mbs, forward_only=True))
-    out = dict(planned=planned, real=real, grad_rel_err=worst, missing=missing, aux=aux, ref_aux=ref["aux"],
+    out = dict(planned=planned, real=real, imbalance=imbalance, grad_rel_err=worst, missing=missing, aux=aux, ref_aux=ref["aux"],
                ref_loss=ref["loss"], aux_in_eval=leaked, elapsed=time.time() - t0)
     if metrics:
         out.update(loss=float(metrics["loss"]), step0=float(m0["loss"]))
@@ -245,6 +254,8 @@ def main() -> int:
                       step0=[r["step0"] for r in last],
                       aux_in_eval=max(r["aux_in_eval"] for r in everyone),
                       params=[(r["planned"], r["real"]) for r in everyone],
+                      imbalance=[r["imbalance"] for r in everyone],
+                      ref_imbalance=ref["imbalance"],
                       elapsed=max(r["elapsed"] for r in everyone))
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(merged), flush=True)

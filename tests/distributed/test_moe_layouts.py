@@ -52,6 +52,9 @@ def _check(r: dict) -> None:
     for loss in r["step0"]:
         assert abs(loss - math.log(2)) <= 1e-6, (name, loss)
     assert r["aux_in_eval"] == 0.0, name
+    assert r["ref_imbalance"] > 1.0  # 4 experts, 2 layers: some imbalance to compare
+    for imbalance in r["imbalance"]:  # moe/load_imbalance: integer counts, exact
+        assert abs(imbalance - r["ref_imbalance"]) <= 1e-12, (name, imbalance)
     for planned, real in r["params"]:  # the planner's count of each rank's parameters
         assert planned == real, (name, planned, real)
 

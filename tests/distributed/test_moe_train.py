@@ -50,9 +50,10 @@ def test_moe_training_logs_aux_loss_and_resumes_exactly(results) -> None:
     assert list(full) == ["1", "2", "3", "4"] and results["moe_resumed_start"] == 2
     assert abs(full["1"]["loss"] - math.log(2)) < 1e-6  # the online reference == policy
     assert all(r["moe/aux_loss"] > 0 for r in full.values())
+    assert all(r["moe/load_imbalance"] >= 1.0 for r in full.values())
     assert len({r["loss"] for r in full.values()}) > 1  # it learns
     for step in ("3", "4"):  # same layout, same arithmetic: exact
-        for name in ("loss", "moe/aux_loss"):
+        for name in ("loss", "moe/aux_loss", "moe/load_imbalance"):
             assert abs(resumed[step][name] - full[step][name]) <= 1e-6, (step, name)
 
 
