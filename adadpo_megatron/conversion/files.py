@@ -6,8 +6,8 @@ Readers and writers around the tensor bookkeeping of :mod:`adadpo_megatron.conve
   read tensor by tensor; or a GGUF file, de-quantized to fp32 by ``transformers``
   (needs ``transformers``, ``gguf`` and ``accelerate``). Written as ``config.json`` +
   ``model.safetensors``.
-* ``torch``: Megatron-LM's per-rank format at the chosen TP/PP/VPP:
-  ``OUT/release/mp_rank_TT[_PPP]/model_optim_rng.pt`` holding ``model`` (or ``model0``,
+* ``torch``: Megatron-LM's per-rank format at the chosen TP/PP/VPP (and EP for MoE):
+  ``OUT/release/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` holding ``model`` (or ``model0``,
   ``model1``, ... per virtual chunk), ``checkpoint_version`` 3.0, ``iteration`` 0 and an
   ``args`` namespace; ``OUT/latest_checkpointed_iteration.txt`` says ``release``.
   Megatron-LM loads it with ``--ckpt-format torch --finetune``.

@@ -182,7 +182,8 @@ def _hf_layer(i: int) -> str:
 
 def hf_to_megatron(hf: StateDict, shape: LlamaShape, *, divisible_by: int = 128,
                    tp: int = 1) -> StateDict:
-    """HF Llama state dict -> one unsplit megatron-core state dict (local-spec names).
+    """HF state dict (disk names, any family) -> one unsplit megatron-core state dict
+    (local-spec names).
 
     The vocabulary is zero-padded to a multiple of ``divisible_by * tp`` rows. Tensors keep
     their dtype. Raises KeyError naming a missing HF tensor.
@@ -221,7 +222,8 @@ def hf_to_megatron(hf: StateDict, shape: LlamaShape, *, divisible_by: int = 128,
 
 
 def megatron_to_hf(mc: StateDict, shape: LlamaShape) -> StateDict:
-    """Unsplit megatron-core state dict -> HF Llama state dict (vocabulary unpadded).
+    """Unsplit megatron-core state dict -> HF state dict in the family's disk names
+    (vocabulary unpadded).
 
     A tied model gets ``lm_head.weight`` only when the source holds ``output_layer.weight``
     (never for an unsplit tied checkpoint); HF ties it on load.

@@ -52,7 +52,9 @@ def add_arch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="weight of the router's load-balancing loss (0: none)")
     g.add_argument("--moe-router-load-balancing-type", choices=LOAD_BALANCING,
-                   default="aux_loss", help="aux_loss (per micro-batch) or seq_aux_loss")
+                   default="aux_loss",
+                   help="aux_loss (per micro-batch) or seq_aux_loss (per pack: a pack is "
+                        "megatron's sequence here)")
     g.add_argument("--moe-token-dispatcher-type", choices=DISPATCHERS, default="allgather")
     g.add_argument("--expert-model-parallel-size", type=int, default=1, help="EP")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
