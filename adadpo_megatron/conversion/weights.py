@@ -309,6 +309,8 @@ _TP_SPLIT = {
     "mlp.linear_fc2.weight": 1,
     "mlp.experts.local_experts.linear_fc1.weight": 0,
     "mlp.experts.local_experts.linear_fc2.weight": 1,
+    "mlp.shared_experts.linear_fc1.weight": 0,  # no converted family has one; the trainer can
+    "mlp.shared_experts.linear_fc2.weight": 1,
     "embedding.word_embeddings.weight": 0,
     "output_layer.weight": 0,
 }

@@ -32,12 +32,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from layouts_worker import MAX_LEN, VOCAB, make_pairs, packed_microbatch  # noqa: E402
 
-# Qwen3-MoE-like: RMSNorm, GQA, q/k norm, RoPE, 4 SwiGLU experts, top-2, untied output.
+# Qwen3-MoE-like: RMSNorm, GQA, q/k norm, RoPE, 4 SwiGLU experts, top-2, untied output,
+# plus a shared expert (Qwen2-MoE / DeepSeek style) that every token also goes through.
 MOE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
            ffn_hidden_size=48, normalization="RMSNorm", swiglu=True,
            position_embedding_type="rope", add_bias_linear=False, untie_embeddings=True,
            qk_layernorm=True, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
-           moe_aux_loss_coeff=0.5, moe_router_load_balancing_type="aux_loss")
+           moe_aux_loss_coeff=0.5, moe_router_load_balancing_type="aux_loss",
+           moe_shared_expert_intermediate_size=16)
 MB_PAIRS = [3, 2, 3, 2]  # pairs per micro-batch of the global batch (10 pairs)
 PAD_TO = 96  # one length for every micro-batch (pipeline stages exchange fixed shapes)
 LOSS = dict(name="adadpo", beta=0.5, balance_clip=1.5)
@@ -171,7 +173,8 @@ def _planned_params(case, pp_rank: int) -> int:
 
     shape = ModelShape(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
                        num_query_groups=2, vocab_size=VOCAB, qk_layernorm=True, num_experts=4,
-                       moe_router_topk=2, moe_ffn_hidden_size=32)
+                       moe_router_topk=2, moe_ffn_hidden_size=32,
+                       moe_shared_expert_intermediate_size=16)
     lay = Layout(tp=case.get("tp", 1), pp=case.get("pp", 1), ep=case["ep"],
                  etp=case.get("etp"), world_size=dist.get_world_size())
     return sum(stage_params(shape, lay, pp_rank).values())

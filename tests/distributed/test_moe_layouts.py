@@ -4,7 +4,7 @@ Each launch runs ``moe_worker.py`` (its doc says how): the single-process refere
 each layout in turn, comparing the preference loss, the router load-balancing loss
 (``moe/aux_loss``) and every gradient (attention, norms, router, every expert), then the
 step-0 invariant (the eval-mode online reference of the same chunks: ``dpo`` gives log 2,
-and no aux loss is recorded in eval mode), and the planner's parameter count of each rank. Routing is dropless, micro-batches carry
+and no aux loss is recorded in eval mode), and the planner's parameter count of each rank. The model has a shared expert too. Routing is dropless, micro-batches carry
 unequal numbers of pairs (3, 2, 3, 2) dealt round-robin to the DP ranks.
 
 Layouts: EP=2 on 2 ranks (so DP=2 too: the EP ranks hold different data) with the
