@@ -29,10 +29,18 @@ __all__ = ["moe_step_metrics", "watch_routers"]
 _TRACKED = {"load_balancing_loss": "aux_loss", "seq_load_balancing_loss": "seq_aux_loss"}
 
 
+def _device() -> torch.device:
+    """Where the reductions run: the current GPU under NCCL (it takes no CPU tensors)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _count_assignments(router, args, output) -> None:
     if router.training and torch.is_grad_enabled():
         routing_map = output[1]  # [tokens, E] bool: which experts each token goes to
-        router._adadpo_expert_load += routing_map.sum(0).detach().to(torch.float64).cpu()
+        router._adadpo_expert_load += routing_map.sum(0).detach().to(
+            router._adadpo_expert_load.device, torch.float64)  # no host sync on a GPU
 
 
 def watch_routers(chunks) -> int:
@@ -44,8 +52,8 @@ def watch_routers(chunks) -> int:
     for chunk in chunks:
         for module in chunk.modules():
             if isinstance(module, TopKRouter) and not hasattr(module, "_adadpo_expert_load"):
-                module._adadpo_expert_load = torch.zeros(module.config.num_moe_experts,
-                                                         dtype=torch.float64)
+                module._adadpo_expert_load = torch.zeros(
+                    module.config.num_moe_experts, dtype=torch.float64, device=_device())
                 module.register_forward_hook(_count_assignments)
                 found += 1
     return found
@@ -54,7 +62,8 @@ def watch_routers(chunks) -> int:
 def _load_imbalance(chunks) -> float:
     from megatron.core import parallel_state as ps
 
-    ratios = torch.zeros(2, dtype=torch.float64)  # [sum of max/mean over layers, layers]
+    # [sum of max/mean over layers, layers]
+    ratios = torch.zeros(2, dtype=torch.float64, device=_device())
     for chunk in chunks:
         for module in chunk.modules():
             load = getattr(module, "_adadpo_expert_load", None)
@@ -63,8 +72,9 @@ def _load_imbalance(chunks) -> float:
             total = load.clone()
             dist.all_reduce(total, group=module.tp_cp_group)
             dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=False))
-            if total.sum() > 0:
-                ratios += torch.stack([total.max() / total.mean(), torch.ones((), dtype=total.dtype)])
+            counted = (total.sum() > 0).to(total.dtype)  # no host sync: no branch
+            ratios[0] += counted * total.max() / total.mean().clamp(min=1e-30)
+            ratios[1] += counted
             load.zero_()
     dist.all_reduce(ratios, group=ps.get_pipeline_model_parallel_group())
     return float(ratios[0] / ratios[1].clamp(min=1))
@@ -80,12 +90,12 @@ def moe_step_metrics(coeff: float, num_microbatches: int, chunks=()) -> dict[str
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     tracker = get_moe_layer_wise_logging_tracker()
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=_device())
     for name in sorted(_TRACKED):  # same order on every rank
         entry = tracker.get(name)
         if entry is None:
             continue
-        values = entry["values"].detach().to(torch.float64).cpu().clone()
+        values = entry["values"].detach().to(_device(), torch.float64, copy=True)
         dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
         if entry.get("reduce_group") is not None:
             dist.all_reduce(values, group=entry["reduce_group"])
