@@ -48,6 +48,7 @@ def init_distributed(cfg: TrainConfig) -> None:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
+        **(cfg.arch.parallel_kwargs() if cfg.arch is not None else {}),
     )
     seed = cfg.training.seed
     if p.device == "cpu":
@@ -86,7 +87,10 @@ def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool,
         recompute_granularity=None if reference else t.recompute_granularity,
         recompute_method=None if reference else t.recompute_method,
         recompute_num_layers=None if reference else t.recompute_num_layers,
-        init_method_std=m.init_method_std, **fp8_kwargs)
+        init_method_std=m.init_method_std, **fp8_kwargs,
+        **(cfg.arch.transformer_kwargs(reference=reference) if cfg.arch is not None else {}))
+    if cfg.arch is not None:  # Llama-3.1 RoPE scaling lives on GPTModel
+        config.adadpo_gpt_options = cfg.arch.gpt_options(config.adadpo_gpt_options)
     if not reference:
         config.finalize_model_grads_func = finalize_model_grads
     if prefix_attention is not None:
@@ -130,8 +134,10 @@ def _open_data(cfg: TrainConfig, path: str, flag: str):
     seg = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
     if p.sequence_parallel:
         seg *= p.tensor_model_parallel_size
-    # Pipeline stages exchange fixed-shape activations: pad every pack to --seq-length.
-    pad_to = cfg.model.seq_length if p.pipeline_model_parallel_size > 1 else None
+    # Pipeline stages exchange fixed-shape activations, and the allgather MoE dispatcher
+    # gathers equal token counts over EP: pad every pack to --seq-length.
+    fixed = cfg.arch is not None and cfg.arch.fixed_length_packs
+    pad_to = cfg.model.seq_length if p.pipeline_model_parallel_size > 1 or fixed else None
     try:
         ds = PackedPairDataset(path, segment_multiple=seg, pack_multiple=pack_multiple(cfg.fp8),
                                pad_to=pad_to)
@@ -190,6 +196,10 @@ def build_run(cfg: TrainConfig) -> Run:
     config = _transformer_config(cfg, transformer_config_kwargs(cfg.fp8), reference=False,
                                  prefix_attention=attention)
     model = build_model_chunks(config, vocab, max_pos, wrap_ddp=True, ddp_config=ddp_config(cfg))
+    if cfg.arch is not None and cfg.arch.num_experts:  # moe/load_imbalance
+        from adadpo_megatron.trainer.moe_metrics import watch_routers
+
+        watch_routers(model)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert Llama-architecture checkpoints between Hugging Face and megatron-core.
+"""Convert Hugging Face checkpoints (Llama, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen3-MoE) to and from megatron-core.
 
 HF -> Megatron (default)::
 
@@ -7,13 +7,16 @@ HF -> Megatron (default)::
         --format torch_dist                       # adadpo-train --load OUT --finetune
     python tools/convert_hf_to_megatron.py --hf HF_DIR --output OUT \\
         --format torch --tp 8 --pp 4 --vpp 5      # Megatron-LM per-rank files
+    python tools/convert_hf_to_megatron.py --hf MIXTRAL_DIR --output OUT \
+        --format torch --tp 2 --ep 4              # MoE: experts split over EP ranks
 
 Megatron -> HF (``--to-hf``; ``--hf-config`` is the original model's config.json)::
 
     python tools/convert_hf_to_megatron.py --to-hf --megatron OUT --format torch_dist \\
         --hf-config HF_DIR/config.json --output HF_OUT
 
-The model flags the trainer needs for the converted weights are printed at the end.
+The family comes from config.json (``model_type``; conversion/families.py lists what is
+refused). The model flags the trainer needs for the converted weights are printed at the end.
 Layouts (fused QKV per query group, fc1 = [gate; up], vocabulary padding) are documented
 in adadpo_megatron/conversion/weights.py.
 """
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (torch format)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (torch format)")
     p.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallel size (torch format, MoE families; expert TP = --tp)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype")
     return p
@@ -55,13 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _to_megatron(a: argparse.Namespace) -> hc.LlamaShape:
     if not a.hf:
         raise SystemExit("--hf PATH is required (or give --to-hf)")
-    if a.format == "torch_dist" and (a.tp, a.pp, a.vpp) != (1, 1, 1):
+    if a.format == "torch_dist" and (a.tp, a.pp, a.vpp, a.ep) != (1, 1, 1, 1):
         raise SystemExit("--format torch_dist is layout-free (adadpo-train reshards on load): "
-                         "drop --tp/--pp/--vpp, or use --format torch")
-    state, shape = io.read_hf(a.hf)
+                         "drop --tp/--pp/--vpp/--ep, or use --format torch")
+    try:
+        state, shape = io.read_hf(a.hf)
+        shape.check(a.tp, a.pp, a.vpp, a.ep)
+    except ValueError as e:  # an unsupported family or option, or an impossible split
+        raise SystemExit(f"convert_hf_to_megatron: error: {a.hf}: {e}") from None
     full = hc.hf_to_megatron(state, shape, divisible_by=a.make_vocab_size_divisible_by, tp=a.tp)
     if a.format == "torch":
-        io.write_megatron_torch(hc.split(full, shape, tp=a.tp, pp=a.pp, vpp=a.vpp), shape,
+        io.write_megatron_torch(hc.split(full, shape, tp=a.tp, pp=a.pp, vpp=a.vpp, ep=a.ep), shape,
                                 a.output, dtype=DTYPES[a.dtype])
     else:
         io.write_megatron_dist(full, shape, a.output, dtype=DTYPES[a.dtype])
@@ -72,7 +81,10 @@ def _to_hf(a: argparse.Namespace) -> hc.LlamaShape:
     if not (a.megatron and a.hf_config):
         raise SystemExit("--to-hf needs --megatron DIR and --hf-config config.json")
     with open(a.hf_config, encoding="utf-8") as f:
-        shape = hc.LlamaShape.from_hf_config(json.load(f))
+        try:
+            shape = hc.LlamaShape.from_hf_config(json.load(f))
+        except ValueError as e:
+            raise SystemExit(f"convert_hf_to_megatron: error: {a.hf_config}: {e}") from None
     if a.format == "torch":
         full = hc.merge(io.read_megatron_torch(a.megatron), shape)
     else:

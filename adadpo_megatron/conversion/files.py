@@ -6,8 +6,8 @@ Readers and writers around the tensor bookkeeping of :mod:`adadpo_megatron.conve
   read tensor by tensor; or a GGUF file, de-quantized to fp32 by ``transformers``
   (needs ``transformers``, ``gguf`` and ``accelerate``). Written as ``config.json`` +
   ``model.safetensors``.
-* ``torch``: Megatron-LM's per-rank format at the chosen TP/PP/VPP:
-  ``OUT/release/mp_rank_TT[_PPP]/model_optim_rng.pt`` holding ``model`` (or ``model0``,
+* ``torch``: Megatron-LM's per-rank format at the chosen TP/PP/VPP (and EP for MoE):
+  ``OUT/release/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` holding ``model`` (or ``model0``,
   ``model1``, ... per virtual chunk), ``checkpoint_version`` 3.0, ``iteration`` 0 and an
   ``args`` namespace; ``OUT/latest_checkpointed_iteration.txt`` says ``release``.
   Megatron-LM loads it with ``--ckpt-format torch --finetune``.
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from adadpo_megatron.conversion.families import hf_config, to_disk_names
 from adadpo_megatron.conversion.weights import (
     LlamaShape,
     Shards,
@@ -38,7 +39,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def read_hf(path: str, *, gguf_file: str | None = None) -> tuple[StateDict, LlamaShape]:
-    """Read an HF Llama checkpoint: (state dict with HF names, shape)."""
+    """Read an HF checkpoint of any family (conversion/families.py): (state dict with HF
+    disk names, shape). ValueError naming the config.json field of an unsupported option."""
     if gguf_file is not None or path.endswith(".gguf"):
         return _read_gguf(path, gguf_file)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
@@ -61,7 +63,8 @@ def read_hf(path: str, *, gguf_file: str | None = None) -> tuple[StateDict, Llam
 
 def _read_gguf(path: str, gguf_file: str | None) -> tuple[StateDict, LlamaShape]:
     model = load_gguf_model(path, gguf_file)
-    return dict(model.state_dict()), LlamaShape.from_hf_config(model.config)
+    shape = LlamaShape.from_hf_config(model.config)
+    return to_disk_names(dict(model.state_dict()), shape.family), shape
 
 
 def load_gguf_model(path: str, gguf_file: str | None = None) -> torch.nn.Module:
@@ -79,34 +82,34 @@ def load_gguf_model(path: str, gguf_file: str | None = None) -> torch.nn.Module:
 
 
 def write_hf(state: StateDict, shape: LlamaShape, out: str, *, dtype: torch.dtype) -> None:
-    """Write ``config.json`` (LlamaForCausalLM) and ``model.safetensors`` into ``out``."""
+    """Write ``config.json`` (the family's HF class) and ``model.safetensors`` into ``out``."""
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "num_hidden_layers": shape.num_layers, "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.ffn_hidden_size,
-        "num_attention_heads": shape.num_attention_heads,
-        "num_key_value_heads": shape.num_query_groups, "head_dim": shape.head_dim,
-        "vocab_size": shape.vocab_size, "tie_word_embeddings": shape.tie_embeddings,
-        "rms_norm_eps": shape.norm_epsilon, "rope_theta": shape.rope_theta,
-        "max_position_embeddings": shape.max_position_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).split(".")[-1],
-    }
+    config = hf_config(shape, dtype)
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()},
               os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
 
 
-def _rank_dir(root: str, tp_rank: int, pp_rank: int, pp: int) -> str:
+def _rank_dir(root: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int | None = None) -> str:
+    # Megatron-LM's get_checkpoint_name: mp_rank_TT[_PPP][_EEE] (EEE only at EP > 1).
     name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+    name += f"_{ep_rank:03d}" if ep_rank is not None else ""
     return os.path.join(root, "release", name)
 
 
-def _megatron_args(shape: LlamaShape, tp: int, pp: int, vpp: int, padded_vocab: int):
+def _megatron_args(shape: LlamaShape, tp: int, pp: int, vpp: int, padded_vocab: int,
+                   ep: int = 1):
+    moe = {}
+    if shape.num_experts:
+        moe = dict(num_experts=shape.num_experts, moe_router_topk=shape.moe_router_topk,
+                   moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
+                   moe_router_pre_softmax=shape.moe_router_pre_softmax,
+                   expert_model_parallel_size=ep, expert_tensor_parallel_size=tp)
     return argparse.Namespace(
+        **moe, add_qkv_bias=shape.qkv_bias, qk_layernorm=shape.qk_layernorm,
         num_layers=shape.num_layers, hidden_size=shape.hidden_size,
         ffn_hidden_size=shape.ffn_hidden_size, num_attention_heads=shape.num_attention_heads,
         group_query_attention=True, num_query_groups=shape.num_query_groups,
@@ -123,15 +126,18 @@ def _megatron_args(shape: LlamaShape, tp: int, pp: int, vpp: int, padded_vocab: 
 def write_megatron_torch(shards: Shards, shape: LlamaShape, out: str,
                          *, dtype: torch.dtype) -> None:
     """Megatron-LM's per-rank ``torch`` format (module doc) at the shards' TP/PP/VPP."""
-    tp = 1 + max(t for t, _ in shards)
-    pp = 1 + max(p for _, p in shards)
-    vpp = len(shards[(0, 0)])
-    padded = shards[(0, 0)][0]["embedding.word_embeddings.weight"].shape[0] * tp
-    args = _megatron_args(shape, tp, pp, vpp, padded)
-    for (t, p), chunks in shards.items():
+    tp = 1 + max(k[0] for k in shards)
+    pp = 1 + max(k[1] for k in shards)
+    ep = 1 + max(k[2] if len(k) == 3 else 0 for k in shards)
+    first = next(iter(shards.values()))
+    vpp = len(first)
+    padded = first[0]["embedding.word_embeddings.weight"].shape[0] * tp
+    args = _megatron_args(shape, tp, pp, vpp, padded, ep)
+    for key, chunks in shards.items():
+        t, p = key[:2]
         chunks = [{k: v.to(dtype).contiguous() for k, v in c.items()} for c in chunks]
         models = {"model": chunks[0]} if vpp == 1 else {f"model{i}": c for i, c in enumerate(chunks)}
-        directory = _rank_dir(out, t, p, pp)
+        directory = _rank_dir(out, t, p, pp, key[2] if len(key) == 3 else None)
         os.makedirs(directory, exist_ok=True)
         torch.save({**models, "checkpoint_version": 3.0, "iteration": 0, "args": args},
                    os.path.join(directory, "model_optim_rng.pt"))
@@ -147,11 +153,18 @@ def read_megatron_torch(root: str) -> Shards:
     shards: Shards = {}
     for name in files:
         parts = os.path.basename(os.path.dirname(name)).split("_")[2:]
-        t, p = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
         ckpt = torch.load(name, map_location="cpu", weights_only=False)
+        args = ckpt.get("args")
+        pp = getattr(args, "pipeline_model_parallel_size", None)
+        if pp is None:  # no args: a second number is the pipeline rank (no EP)
+            pp = 2 if len(parts) > 1 else 1
+        key = tuple(int(x) for x in parts)  # mp_rank_TT[_PPP][_EEE]
+        if pp == 1:
+            key = (key[0], 0, *key[1:])
+        t, p = key[:2]
         keys = ["model"] if "model" in ckpt else sorted(
             (k for k in ckpt if k.startswith("model") and k[5:].isdigit()), key=lambda k: int(k[5:]))
-        shards[(t, p)] = [ckpt[k] for k in keys]
+        shards[(t, p, *key[2:])] = [ckpt[k] for k in keys]
     return shards
 
 
@@ -167,7 +180,14 @@ def _build_tp1_model(shape: LlamaShape, padded_vocab: int, dtype: torch.dtype):
         normalization="RMSNorm", norm_epsilon=shape.norm_epsilon, swiglu=True,
         add_bias_linear=False, position_embedding_type="rope", rotary_base=int(shape.rope_theta),
         untie_embeddings=not shape.tie_embeddings, bf16=dtype == torch.bfloat16,
+        **shape.transformer_kwargs(),
     )
+    if shape.rope_scaling_factor is not None:
+        import dataclasses
+
+        config.adadpo_gpt_options = dataclasses.replace(
+            config.adadpo_gpt_options, rope_scaling=True,
+            rope_scaling_factor=shape.rope_scaling_factor)
     return build_gpt_model(config, padded_vocab, shape.max_position_embeddings, use_te=False)
 
 

@@ -77,6 +77,11 @@ def _check_megatron_flags(args: argparse.Namespace) -> None:
                              "log-probs (policy == reference at step 0, loss ln 2); add "
                              "--hidden-dropout 0 --attention-dropout 0 (Megatron-LM's "
                              "default is 0.1)")
+    if getattr(args, "num_experts", None) and (getattr(args, "moe_aux_loss_coeff", 0) or 0) > 0:
+        raise ValueError("--moe-aux-loss-coeff > 0 with the AdaDPO entry: under "
+                         "--calculate-per-token-loss megatron-core scales the router's loss by "
+                         "tokens while this entry's loss counts pairs; use adadpo-train (which "
+                         "scales it right) or --moe-aux-loss-coeff 0")
     if getattr(args, "rampup_batch_size", None):
         raise ValueError("--rampup-batch-size: the AdaDPO entry resumes its data at "
                          "consumed samples / --global-batch-size; use a fixed batch size")

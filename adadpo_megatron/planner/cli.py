@@ -34,6 +34,13 @@ _SHAPE_DESTS = {
     "max_position_embeddings": "max_position_embeddings",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
     "vocab_size": "vocab_size",
+    "kv_channels": "kv_channels",
+    "add_qkv_bias": "add_qkv_bias",
+    "qk_layernorm": "qk_layernorm",
+    "num_experts": "num_experts",
+    "moe_router_topk": "moe_router_topk",
+    "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
 }
 
 
@@ -95,6 +102,8 @@ def shape_from_args(args: argparse.Namespace, given: set[str]) -> ModelShape:
         values["num_query_groups"] = values["num_attention_heads"]
     if values.get("ffn_hidden_size") is None:
         values["ffn_hidden_size"] = 4 * values["hidden_size"]
+    if values.get("num_experts") and values.get("moe_ffn_hidden_size") is None:
+        values["moe_ffn_hidden_size"] = values["ffn_hidden_size"]  # the trainer's default
     if values.get("max_position_embeddings") is None:
         values["max_position_embeddings"] = args.seq_length
     if values.get("vocab_size") is None:
@@ -131,6 +140,7 @@ def layout_from_args(args: argparse.Namespace, shape: ModelShape) -> Layout:
         dropout=args.hidden_dropout > 0 or args.attention_dropout > 0,
         online_reference=needs_reference and not args.ref_logprobs,
         logprob_impl=args.logprob_impl,
+        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
     )
 
 
@@ -183,6 +193,9 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"parameters: {r['params_total'] / 1e9:.3f} B total "
                  f"(vocab padded to {r['padded_vocab_size']}; "
                  f"{r['params_total_unpadded'] / 1e9:.3f} B unpadded)")
+    if r["params_active"] != r["params_total"]:
+        lines.append(f"MoE: {r['params_active'] / 1e9:.3f} B active per token "
+                     f"(EP={lay['ep']}, expert TP={lay['etp'] or lay['tp']})")
     for e in r["errors"]:
         lines.append(f"ERROR: {e}")
     if r["errors"]:

@@ -31,6 +31,8 @@ import dataclasses
 import math
 from typing import Any
 
+from adadpo_megatron.planner import moe
+
 GIB = 1024**3
 
 
@@ -64,11 +66,25 @@ class ModelShape:
     """--max-position-embeddings: rows of the learned position table."""
     make_vocab_size_divisible_by: int = 128
     """--make-vocab-size-divisible-by (times TP)."""
+    kv_channels: int | None = None
+    """--kv-channels: head size (None: h / a)."""
+    add_qkv_bias: bool = False
+    """--add-qkv-bias (Qwen2)."""
+    qk_layernorm: bool = False
+    """--qk-layernorm (Qwen3): a [head_dim] norm each for q and k."""
+    num_experts: int | None = None
+    """--num-experts: MoE MLP in every layer (planner/moe.py); None: dense."""
+    moe_router_topk: int = 2
+    """--moe-router-topk (k)."""
+    moe_ffn_hidden_size: int | None = None
+    """--moe-ffn-hidden-size (F_e)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """--moe-shared-expert-intermediate-size (F_s)."""
 
     @property
     def head_dim(self) -> int:
-        """kv_channels = h / a."""
-        return self.hidden_size // self.num_attention_heads
+        """kv_channels (default h / a)."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def padded_vocab(self, tp: int) -> int:
         """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by * TP."""
@@ -85,6 +101,16 @@ PRESETS: dict[str, ModelShape] = {
     "llama3-70b": ModelShape(
         num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
         num_query_groups=8, vocab_size=128256,
+    ),
+    # Qwen's config.json files: Qwen2.5 has q/k/v biases; Qwen3-MoE 128 experts, top-8.
+    "qwen2.5-72b": ModelShape(
+        num_layers=80, hidden_size=8192, ffn_hidden_size=29568, num_attention_heads=64,
+        num_query_groups=8, vocab_size=152064, add_qkv_bias=True,
+    ),
+    "qwen3-30b-a3b": ModelShape(
+        num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32,
+        num_query_groups=4, vocab_size=151936, kv_channels=128, qk_layernorm=True,
+        num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
     ),
 }
 
@@ -135,6 +161,10 @@ class Layout:
     """Tokens per fp32 log-softmax block (logprobs.vocab_parallel_logprobs, ``chunked``)."""
     logprob_impl: str = "fused"
     """--logprob-impl: ``fused`` (no logits tensor) or ``chunked`` (bf16 logits + fp32 blocks)."""
+    ep: int = 1
+    """--expert-model-parallel-size (MoE)."""
+    etp: int | None = None
+    """--expert-tensor-parallel-size (None: TP)."""
 
     @property
     def dp(self) -> int:
@@ -199,6 +229,7 @@ def check_layout(shape: ModelShape, lay: Layout) -> list[str]:
          or s.max_position_embeddings >= lay.seq_length,
          "--max-position-embeddings is below --seq-length")
     _check_recompute(shape, lay, need)
+    moe.check_moe_layout(shape, lay, need)
     need(not lay.fp8_param_gather or lay.fp8, "--fp8-param-gather needs --fp8-format")
     return errors
 
@@ -216,21 +247,26 @@ def _check_recompute(shape: ModelShape, lay: Layout, need) -> None:
              "--recompute-method applies only to --recompute-granularity full")
 
 
-def layer_params(shape: ModelShape, tp: int = 1) -> dict[str, int]:
-    """Parameters of one transformer layer on one TP rank, by module."""
+def layer_params(shape: ModelShape, tp: int = 1, ep: int = 1,
+                 etp: int | None = None) -> dict[str, int]:
+    """Parameters of one transformer layer on one TP (and EP) rank, by module."""
     h, d, F = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
     q, kv = shape.num_attention_heads * d, shape.num_query_groups * d
     bias = int(shape.add_bias_linear)
+    qkv_bias = int(shape.add_bias_linear or shape.add_qkv_bias)
     norm = h * (2 if shape.normalization == "LayerNorm" else 1)
     fc1_out = F * (2 if shape.swiglu else 1)
-    return {
+    out = {
         "input_norm": norm,
-        "linear_qkv": (h * (q + 2 * kv) + bias * (q + 2 * kv)) // tp,
+        "linear_qkv": (h * (q + 2 * kv) + qkv_bias * (q + 2 * kv)) // tp,
+        "qk_norm": 2 * norm // h * d if shape.qk_layernorm else 0,
         "linear_proj": q * h // tp + bias * h,  # row-parallel: bias replicated
         "pre_mlp_norm": norm,
-        "linear_fc1": (h * fc1_out + bias * fc1_out) // tp,
-        "linear_fc2": F * h // tp + bias * h,
     }
+    if moe.is_moe(shape):
+        return {**out, **moe.moe_mlp_params(shape, tp, ep, etp)}
+    return {**out, "linear_fc1": (h * fc1_out + bias * fc1_out) // tp,
+            "linear_fc2": F * h // tp + bias * h}
 
 
 def stage_params(shape: ModelShape, lay: Layout, pp_rank: int) -> dict[str, int]:
@@ -238,7 +274,8 @@ def stage_params(shape: ModelShape, lay: Layout, pp_rank: int) -> dict[str, int]
     h, tp = shape.hidden_size, lay.tp
     vocab_shard = shape.padded_vocab(tp) // tp * h
     first, last = pp_rank == 0, pp_rank == lay.pp - 1
-    parts = {"layers": sum(layer_params(shape, tp).values()) * (shape.num_layers // lay.pp)}
+    per_layer = sum(layer_params(shape, tp, lay.ep, lay.etp).values())
+    parts = {"layers": per_layer * (shape.num_layers // lay.pp)}
     parts["embedding"] = vocab_shard if first else 0
     if first and shape.position_embedding_type == "learned_absolute":
         parts["embedding"] += shape.max_position_embeddings * h
@@ -259,21 +296,32 @@ def params_total(shape: ModelShape, tp: int = 1) -> int:
     return total + (vocab if shape.untie_embeddings else 0)
 
 
-def gemm_params_per_layer(shape: ModelShape, tp: int) -> int:
-    """Weights of the four GEMMs of one layer on one TP rank (the ones TE casts to FP8)."""
-    lp = dict(layer_params(dataclasses.replace(shape, add_bias_linear=False), tp))
-    return lp["linear_qkv"] + lp["linear_proj"] + lp["linear_fc1"] + lp["linear_fc2"]
+def gemm_params_per_layer(shape: ModelShape, tp: int, ep: int = 1, etp: int | None = None,
+                          *, active: bool = False) -> int:
+    """Weights of the GEMMs of one layer on one TP/EP rank (the ones TE casts to FP8);
+    ``active``: those one token goes through (MoE: router, k experts, shared expert)."""
+    plain = dataclasses.replace(shape, add_bias_linear=False, add_qkv_bias=False)
+    lp = layer_params(plain, tp, ep, etp)
+    attention = lp["linear_qkv"] + lp["linear_proj"]
+    if not moe.is_moe(shape):
+        return attention + lp["linear_fc1"] + lp["linear_fc2"]
+    if active:
+        return attention + moe.active_gemm_mlp_params(plain)
+    return attention + lp["experts"] + lp["shared_expert"]
 
 
 def activation_bytes_per_layer(shape: ModelShape, lay: Layout) -> float:
     """Bytes one layer keeps for backward per micro-batch, without recompute (module doc)."""
     h, d, F = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
     q, kv = shape.num_attention_heads * d, shape.num_query_groups * d
+    if moe.is_moe(shape):  # k dispatched copies of each token through its experts
+        F = moe.effective_ffn(shape)
     gemm_in = 1 if lay.fp8 else 2
     tokens = lay.seq_length * lay.micro_batch_size / lay.cp
     norms_in = 2 * h + 2 * h
     gemm_inputs = gemm_in * (h + q + h + F)  # QKV, proj, fc1, fc2 inputs
     inner = 2 * (q + 2 * kv) + 2 * F * (2 if shape.swiglu else 1)
+    inner += 2 * h * shape.moe_router_topk if moe.is_moe(shape) else 0
     masks = 2 * h if lay.dropout else 0
     lse = 4 * shape.num_attention_heads  # flash attention's fp32 log-sum-exp per head
     if lay.sequence_parallel or lay.tp == 1:
@@ -344,14 +392,17 @@ def logits_bytes(shape: ModelShape, lay: Layout) -> float:
 def memory_per_gpu(shape: ModelShape, lay: Layout, pp_rank: int) -> dict[str, float]:
     """Bytes per GPU of pipeline rank ``pp_rank``: weights, gradients, optimizer, ..."""
     n = sum(stage_params(shape, lay, pp_rank).values())
-    gemm = gemm_params_per_layer(shape, lay.tp) * (shape.num_layers // lay.pp)
+    gemm = gemm_params_per_layer(shape, lay.tp, lay.ep, lay.etp) * (shape.num_layers // lay.pp)
     w_bytes = 2 if lay.bf16 else 4
     if lay.fp8_param_gather:
         weights = (n - gemm) * w_bytes + gemm * 2.0  # FP8 weight + its transpose
     else:
         weights = n * w_bytes + (gemm * 2.0 if lay.fp8 else 0.0)  # TE's FP8 weight cache
     shard = lay.dp * lay.cp if lay.distributed_optimizer else 1
-    optimizer = n * (12 if lay.bf16 else 8) / shard  # fp32 master (bf16 only), m, v
+    experts = moe.expert_params_on_gpu(shape, lay, pp_rank)  # sharded over expert DP
+    e_shard = moe.expert_data_parallel(lay) if lay.distributed_optimizer else 1
+    # fp32 master (bf16 only), m, v
+    optimizer = ((n - experts) / shard + experts / e_shard) * (12 if lay.bf16 else 8)
     last = pp_rank == lay.pp - 1
     parts = {
         "weights": weights,
@@ -376,7 +427,7 @@ def flops_per_step(shape: ModelShape, lay: Layout, segment_length: int) -> dict[
     d = shape.head_dim
     q = shape.num_attention_heads * d
     tokens = lay.global_batch_size * lay.seq_length
-    weights = gemm_params_per_layer(shape, 1) * shape.num_layers + (
+    weights = gemm_params_per_layer(shape, 1, active=True) * shape.num_layers + (
         shape.padded_vocab(lay.tp) * shape.hidden_size
     )
     attn_per_token = 2 * q * shape.num_layers * segment_length  # 4*q*L*ctx/2, mean ctx = seg/2
@@ -400,6 +451,7 @@ def plan(shape: ModelShape, lay: Layout, *, gpu_memory_gib: float = 80.0,
     result: dict[str, Any] = {
         "errors": errors,
         "params_total": params_total(shape, lay.tp),
+        "params_active": params_total(shape, lay.tp) - moe.inactive_params(shape),
         "params_total_unpadded": params_total(dataclasses.replace(
             shape, make_vocab_size_divisible_by=1)),
         "padded_vocab_size": shape.padded_vocab(lay.tp),

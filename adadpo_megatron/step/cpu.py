@@ -168,6 +168,9 @@ def enable_cpu_megatron() -> bool:
         mode = _CudaToCpuMode()
         mode.__enter__()
         _STATE["mode"] = mode
+        from adadpo_megatron.step.cpu_moe import enable_cpu_moe  # MoE stand-ins (its doc)
+
+        enable_cpu_moe()
     return True
 
 

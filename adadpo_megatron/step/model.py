@@ -54,6 +54,10 @@ class GPTOptions:
     """--rotary-percent: fraction of each head's dims that RoPE rotates."""
     untie_embeddings: bool = False
     """--untie-embeddings-and-output-weights: separate output layer (Llama) vs tied (GPT-2)."""
+    rope_scaling: bool = False
+    """--use-rope-scaling: Llama-3.1 RoPE frequency scaling (megatron-core ``rope_scaling``)."""
+    rope_scaling_factor: float = 8.0
+    """--rope-scaling-factor."""
     prefix_attention: Literal["mask", "flex", "te"] | None = None
     """Core attention for prefix-shared packs (step/attention.py); None: megatron's own.
     Set by the trainer when the data is packed with --prefix-sharing."""
@@ -223,15 +227,19 @@ def _cpu_pipeline_settings(
 def _layer_spec(config, use_te: bool, prefix_attention: str | None = None):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    # Qwen3 (--qk-layernorm) and MoE (--num-experts) change the layer's submodules.
+    family = dict(
+        qk_layernorm=bool(config.qk_layernorm),
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=bool(config.moe_grouped_gemm),
+    )
     if use_te:
-        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(**family)
     else:
         # 0.16 takes these by keyword; 0.19 forwards *args/**kwargs to
         # get_gpt_layer_local_submodules with the same keyword names. Never pass positionally:
         # the positional order changed between releases.
-        spec = specs.get_gpt_layer_local_spec(
-            qk_layernorm=False, normalization=config.normalization
-        )
+        spec = specs.get_gpt_layer_local_spec(**family, normalization=config.normalization)
     if prefix_attention is not None:
         from adadpo_megatron.step.attention import core_attention_class
 
@@ -302,6 +310,8 @@ def build_gpt_model(
         rotary_percent=opts.rotary_percent,
         rotary_base=opts.rotary_base,
     )
+    if opts.rope_scaling:
+        kwargs.update(rope_scaling=True, rope_scaling_factor=opts.rope_scaling_factor)
     if "vp_stage" in inspect.signature(GPTModel.__init__).parameters:
         kwargs["vp_stage"] = vp_stage
     elif vp_stage is not None:

@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The trainer's full parser: Megatron-LM-named flags, plugin flags, FP8 flags, --config."""
     from adadpo_megatron.step.fp8 import add_fp8_args
     from adadpo_megatron.trainer.exits import add_exit_args
+    from adadpo_megatron.trainer.moe_config import add_arch_args
 
     p = argparse.ArgumentParser(
         prog="adadpo-train",
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_data_args, _add_checkpoint_args, _add_logging_args):
         add(p)
     add_args(p)
+    add_arch_args(p)
     add_fp8_args(p)
     add_exit_args(p)
     return p

@@ -208,6 +208,8 @@ class TrainConfig:
     """adadpo_megatron.step.fp8.FP8Settings."""
     exits: Any = None
     """adadpo_megatron.trainer.exits.ExitConfig (None: never stop early)."""
+    arch: Any = None
+    """adadpo_megatron.trainer.moe_config.ArchSettings: family and MoE flags (None: dense)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict of every setting (written to config.json and checkpoints)."""
@@ -222,7 +224,10 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """sha256 over what a checkpoint must agree on to resume: model shape and loss."""
         d = self.to_dict()
-        blob = json.dumps({"model": d["model"], "loss": d["loss"]}, sort_keys=True)
+        shape = {"model": d["model"], "loss": d["loss"]}
+        if self.arch is not None and not self.arch.is_default:  # dense runs: as before
+            shape["arch"] = self.arch.shape_dict()  # not the layout: EP may change
+        blob = json.dumps(shape, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -475,6 +480,12 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
         exits = exit_config_from_args(a)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    from adadpo_megatron.trainer.moe_config import arch_from_args
+
+    try:
+        arch = arch_from_args(a, parallel, model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return TrainConfig(model=model, parallel=parallel, training=training,
                        optim=_optim_args(a), io=_io_args(a), loss=loss,
-                       reference=_reference_args(a, loss), fp8=fp8, exits=exits)
+                       reference=_reference_args(a, loss), fp8=fp8, exits=exits, arch=arch)

@@ -191,6 +191,11 @@ def run_step(run: Run) -> tuple[dict[str, float], Any]:
     metrics = {k: float(v) for k, v in metrics_t.items()}
     pairs, real, padded = counts.tolist()
     metrics.update(pairs=pairs, tokens=real, padded_tokens=padded, lr=lr)
+    if cfg.arch is not None and cfg.arch.num_experts:  # router load-balancing loss
+        from adadpo_megatron.trainer.moe_metrics import moe_step_metrics
+
+        metrics.update(moe_step_metrics(cfg.arch.moe_aux_loss_coeff, len(microbatches),
+                                        run.model))
     return metrics, result
 
 

@@ -118,7 +118,7 @@ def test_shape_from_hf_config_and_trainer_flags() -> None:
     assert (args.num_query_groups, args.rotary_base) == (8, 500000)
     assert args.untie_embeddings_and_output_weights and args.swiglu
     with pytest.raises(ValueError, match="rope scaling"):
-        LlamaShape.from_hf_config({**cfg, "rope_scaling": {"rope_type": "llama3"}})
+        LlamaShape.from_hf_config({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
 @pytest.mark.parametrize("tied", [False, True])
