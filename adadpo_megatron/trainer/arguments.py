@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The trainer's full parser: Megatron-LM-named flags, plugin flags, FP8 flags, --config."""
     from adadpo_megatron.step.fp8 import add_fp8_args
     from adadpo_megatron.trainer.exits import add_exit_args
+    from adadpo_megatron.trainer.wandb_logging import add_wandb_args
 
     p = argparse.ArgumentParser(
         prog="adadpo-train",
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_args(p)
     add_fp8_args(p)
     add_exit_args(p)
+    add_wandb_args(p)
     return p
 
 
