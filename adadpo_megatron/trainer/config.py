@@ -473,7 +473,6 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
             raise ConfigError(str(e)) from e
         _require(a.bf16, "--fp8-format needs --bf16 (FP8 GEMMs run inside a bf16 model)")
     from adadpo_megatron.trainer.exits import exit_config_from_args
-
     from adadpo_megatron.trainer.wandb_logging import wandb_config_from_args
 
     try:

@@ -65,9 +65,8 @@ def test_the_trainer_loop_records_elapsed_and_eta(monkeypatch) -> None:
     """train(): every step's record carries both, from the step times it measured."""
     import types
 
-    from adadpo_megatron.trainer import loop
-
     import adadpo_megatron.trainer.eta as eta_mod
+    from adadpo_megatron.trainer import loop
 
     # perf_counter calls in order: the clock's start, then per step: start, end, elapsed.
     times = iter([0.0, 0.0, 50.0, 50.0,  # step 1: 50 s (slow)
