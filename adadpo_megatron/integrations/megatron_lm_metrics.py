@@ -21,7 +21,8 @@ Megatron-LM's sum-over-sum reduction shows the true maximum on its own line too.
 
 Training records also carry ``elapsed_s`` and ``eta_s`` (``trainer/eta.py``): the step
 time is the wall time between two training records (the first: since the first forward
-step), so evaluations and checkpoints between steps count, and the median discounts them.
+step), so evaluations and checkpoints between steps count, and the median discounts them;
+both are the maximum over the last stage's ranks (one all-reduce), so every rank agrees.
 With ``--wandb-project``, the records also go to Megatron-LM's own W&B run (``wandb``:
 ``megatron_lm_wandb.MegatronWandbSink`` on the rank that holds it, Megatron-LM's last).
 """
@@ -91,7 +92,7 @@ class StepMetrics:
         if training:  # as adadpo-train: pairs of the step's global batch, elapsed, ETA
             metrics["pairs"] = _pairs(reports)
             self.clock.lap()
-            metrics.update(self.clock.metrics(step))
+            metrics.update(_agreed(self.clock.metrics(step), reports[-1]["loss"].device))
         else:
             metrics = {f"eval/{k}": v for k, v in metrics.items()}
         self.last[training] = metrics
@@ -108,3 +109,16 @@ def _pairs(reports: list[dict[str, torch.Tensor]]) -> float:
     n = torch.stack([r["loss"][1] for r in reports]).sum().reshape(1).double()
     torch.distributed.all_reduce(n, group=ps.get_data_parallel_group(with_context_parallel=False))
     return float(n[0])
+
+
+def _agreed(timing: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The last stage's maximum of each timing value, so every rank of the stage (the
+    metrics.jsonl rank and Megatron-LM's W&B rank among them) writes the same numbers."""
+    from megatron.core import parallel_state as ps
+
+    keys = sorted(timing)
+    t = torch.tensor([timing[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
+                                 group=ps.get_tensor_and_data_parallel_group(
+                                     with_context_parallel=True))
+    return dict(zip(keys, t.tolist(), strict=True))

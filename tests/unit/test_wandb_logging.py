@@ -159,3 +159,27 @@ def test_only_the_logging_rank_opens_a_run(offline, tmp_path) -> None:
     assert open_wandb(None, enabled=True, save=str(tmp_path / "s"), log_dir=None,
                       resume_from=None) is None
     assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
+
+
+def test_megatron_lm_entry_checks_its_wandb_flags_and_sets_up_the_resume(
+        monkeypatch, tmp_path) -> None:
+    """Megatron-LM's --wandb-* flags, before pretrain(): one-line refusals, and the W&B run
+    of the checkpoint being resumed (WANDB_RUN_ID/WANDB_RESUME for Megatron-LM's init)."""
+    from adadpo_megatron.integrations.megatron_lm_wandb import check_wandb_flags
+    from adadpo_megatron.trainer.wandb_logging import write_run_id
+
+    env: dict = {}
+    assert check_wandb_flags(["--save", str(tmp_path)], env) is None and env == {}
+    assert check_wandb_flags(["--wandb-project", "p"], env) == (
+        "--wandb-project needs --wandb-save-dir DIR or --save DIR (Megatron-LM keeps W&B's "
+        "files in SAVE/wandb by default)")
+    write_run_id(str(tmp_path), "abc123", "p", None)
+    resume = ["--wandb-project", "p", "--save", str(tmp_path), "--load", str(tmp_path)]
+    assert check_wandb_flags(resume + ["--finetune"], env) is None and env == {}
+    assert check_wandb_flags(resume + ["--wandb-entity", "team"], env) is None and env == {}
+    assert check_wandb_flags(resume, env) is None
+    assert env == {"WANDB_RUN_ID": "abc123", "WANDB_RESUME": "allow"}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert check_wandb_flags(resume, {}).startswith("--wandb-project needs the wandb package")
