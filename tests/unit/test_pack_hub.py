@@ -94,6 +94,7 @@ def runs(tmp_path_factory) -> dict:
         "bad_subset": [hub, "--split", "train_prefs", "--subset", "other", *out("x"), *common],
         "bad_revision": [hub, "--split", "train_prefs", "--revision", "v2", *out("x"), *common],
         "not_cached": ["hf:nobody/absent", "--split", "train", *out("x"), *common],
+        "no_such_dir": [f"hf:{tmp}/no/such/repo", *out("x"), *common],
         "file_with_split": [str(conv), "--split", "train", *out("x"), *common],
     }}
     (tmp / "cases.json").write_text(json.dumps(cases))
@@ -168,6 +169,7 @@ def test_strict_names_the_row(runs) -> None:
     ("bad_revision", "--revision v2: hf:testorg/prefs comes from the local cache (offline), "
                      f"which holds commit {COMMIT}"),
     ("not_cached", "input hf:nobody/absent: not in the local datasets cache"),
+    ("no_such_dir", "/no/such/repo: no such dataset on the Hub or locally"),
     ("file_with_split", "--split applies to hf:NAME inputs (Hugging Face datasets) only"),
 ])
 def test_bad_hub_inputs_fail_in_one_line(runs, case, message) -> None:
