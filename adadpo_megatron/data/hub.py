@@ -143,11 +143,14 @@ def _builder(name: str, opts: HubOptions) -> Any:
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as exc:
         raise ValueError(f"{where}: no such dataset on the Hub or locally, or no access to "
                          f"it ({_one_line(exc)})") from None
-    except ValueError as exc:  # an unknown configuration, among others
+    except ValueError as exc:  # an unknown or a missing configuration, among others
         text = _one_line(exc)
-        if "BuilderConfig" in text or "config" in text.lower():
+        if opts.subset and ("BuilderConfig" in text or "config" in text.lower()):
             raise ValueError(f"--subset {opts.subset}: not a configuration of "
                              f"{PREFIX}{name} ({text})") from None
+        if not opts.subset and "Config name is missing" in text:
+            raise ValueError(f"{where} has several configurations: give --subset NAME "
+                             f"({text})") from None
         raise ValueError(f"{where}: {text}") from None
     except Exception as exc:  # noqa: BLE001 - anything else from datasets, in one line
         raise ValueError(f"{where}: {type(exc).__name__}: {_one_line(exc)}") from None

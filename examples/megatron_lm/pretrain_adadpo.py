@@ -110,7 +110,7 @@ def _step_metrics():
         writer=writer, step_fn=lambda: int(getattr(args, "curr_iteration", start - 1)) + 1,
         train_iters=args.train_iters, train_period=m,
         eval_period=max(1, int(args.eval_iters or 0)) * m, log_interval=args.log_interval,
-        wandb=megatron_wandb_sink(args) if args.wandb_project else None)
+        wandb=megatron_wandb_sink(args) if getattr(args, "wandb_project", None) else None)
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):

@@ -42,6 +42,18 @@ configs:
     path: data/test_prefs-*
 ---
 """
+MULTI_README = """---
+configs:
+- config_name: a
+  data_files:
+  - split: train
+    path: a/*.jsonl
+- config_name: b
+  data_files:
+  - split: train
+    path: b/*.jsonl
+---
+"""
 # UltraFeedback-binarized's form: a string prompt, chosen/rejected whole conversations
 # (every row has every column, as in any datasets table).
 ULTRAFEEDBACK = [
@@ -72,6 +84,12 @@ def runs(tmp_path_factory) -> dict:
     write_jsonl(repo / "data" / "train_prefs-00000-of-00001.jsonl", standard)
     write_jsonl(repo / "data" / "test_prefs-00000-of-00001.jsonl", standard[:2])
     conv = write_jsonl(tmp / "ultrafeedback.jsonl", [r for r, _ in ULTRAFEEDBACK])
+    # A repository with two configurations (subsets), "a" and "b", one split each.
+    multi = tmp / "multi"
+    for sub, rows in (("a", standard[:1]), ("b", standard)):
+        (multi / sub).mkdir(parents=True)
+        write_jsonl(multi / sub / "train.jsonl", rows)
+    (multi / "README.md").write_text(MULTI_README)
     common = ["--tokenizer", str(tok), *FLAGS]
     hub = "hf:testorg/prefs"
 
@@ -94,6 +112,8 @@ def runs(tmp_path_factory) -> dict:
         "bad_subset": [hub, "--split", "train_prefs", "--subset", "other", *out("x"), *common],
         "bad_revision": [hub, "--split", "train_prefs", "--revision", "v2", *out("x"), *common],
         "not_cached": ["hf:nobody/absent", "--split", "train", *out("x"), *common],
+        "subset_b": [f"hf:{multi}", "--subset", "b", *out("subset_b"), *common],
+        "no_subset": [f"hf:{multi}", *out("x"), *common],
         "no_such_dir": [f"hf:{tmp}/no/such/repo", *out("x"), *common],
         "file_with_split": [str(conv), "--split", "train", *out("x"), *common],
     }}
@@ -154,6 +174,12 @@ def test_cached_hub_dataset_packs_offline_like_its_jsonl(runs) -> None:
     assert pinned["meta"]["input"]["sha256"] == meta["sha256"]
 
 
+def test_subset_picks_the_configuration(runs) -> None:
+    got = runs["subset_b"]
+    _same_as_jsonl(got, runs["ref_standard"], STANDARD)  # config "b" holds every row
+    assert (got["meta"]["input"]["subset"], got["meta"]["input"]["split"]) == ("b", "train")
+
+
 def test_strict_names_the_row(runs) -> None:
     res = runs["strict"]
     assert res["rc"] == 1
@@ -169,6 +195,7 @@ def test_strict_names_the_row(runs) -> None:
     ("bad_revision", "--revision v2: hf:testorg/prefs comes from the local cache (offline), "
                      f"which holds commit {COMMIT}"),
     ("not_cached", "input hf:nobody/absent: not in the local datasets cache"),
+    ("no_subset", "has several configurations: give --subset NAME"),
     ("no_such_dir", "/no/such/repo: no such dataset on the Hub or locally"),
     ("file_with_split", "--split applies to hf:NAME inputs (Hugging Face datasets) only"),
 ])
