@@ -32,7 +32,7 @@ import json
 import os
 from typing import Any
 
-__all__ = ["RUN_ID_FILE", "WandbConfig", "WandbSink", "add_wandb_args", "default_save_dir",
+__all__ = ["RUN_ID_FILE", "WandbConfig", "WandbSink", "WandbStartError", "add_wandb_args", "default_save_dir",
            "missing_wandb", "open_wandb", "read_run_id", "wandb_config_from_args",
            "write_run_id"]
 
@@ -48,6 +48,10 @@ class WandbConfig:
     exp_name: str | None = None
     save_dir: str | None = None
     entity: str | None = None
+
+
+class WandbStartError(RuntimeError):
+    """``wandb.init`` failed (the message names the flag and the cause, in one line)."""
 
 
 def add_wandb_args(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +199,12 @@ def open_wandb(cfg: WandbConfig | None, *, enabled: bool, save: str | None,
     run_id = read_run_id(resume_from, cfg.project, cfg.entity)
     if run_id:
         kwargs.update(id=run_id, resume="allow")
-    run = wandb.init(**kwargs)
+    try:
+        run = wandb.init(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - no login, no network, a bad entity: one line
+        text = " ".join(str(exc).split())
+        raise WandbStartError(f"--wandb-project {cfg.project}: W&B could not start the run "
+                              f"({type(exc).__name__}: {text}); log in (wandb login), or "
+                              "set WANDB_MODE=offline and wandb sync later") from None
     write_run_id(save, run.id, cfg.project, cfg.entity)
     return WandbSink(run)

@@ -183,3 +183,21 @@ def test_megatron_lm_entry_checks_its_wandb_flags_and_sets_up_the_resume(
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     assert check_wandb_flags(resume, {}).startswith("--wandb-project needs the wandb package")
+
+
+def test_a_run_that_cannot_start_is_one_line(offline, monkeypatch, tmp_path) -> None:
+    import wandb
+
+    from adadpo_megatron.trainer.wandb_logging import WandbStartError
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty).\ncall wandb.login()")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(WandbStartError) as info:
+        open_wandb(WandbConfig(project="p"), enabled=True, save=str(tmp_path), log_dir=None,
+                   resume_from=None)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("--wandb-project p: W&B could not start the run "
+                                                "(UsageError: api_key not configured")
+    assert not (tmp_path / RUN_ID_FILE).exists()
