@@ -5,6 +5,7 @@
         [--seed S] [--align N] [--prefix-sharing] [--max-pairs-per-pack N]
         [--chat-template auto|tokenizer|none|chatml|llama3|plain|PATH]
         [--no-bos] [--no-eos] [--bos-token TEXT] [--eos-token TEXT] [--strict] [--overwrite]
+    adadpo-pack hf:NAME [--split S] [--subset C] [--revision R] --output DIR ...  (data/hub.py)
 
 Input forms: :mod:`adadpo_megatron.data.records` (rows) and :mod:`adadpo_megatron.data.readers`
 (files: .jsonl, .jsonl.gz, .parquet, datasets' save_to_disk directories). BOS/EOS and
@@ -131,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="preference pairs ({prompt, chosen, rejected}): .jsonl, .jsonl.gz, .parquet, a "
         "directory written by datasets' save_to_disk, or hf:NAME (a Hugging Face dataset)",
     )
-    add_hub_args(p)
     io = p.add_argument_group("input and output")
     io.add_argument("--output", "-o", type=Path, required=True, help="directory to create")
     io.add_argument(
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most N pairs per pack (1: one pair per pack, the padded baseline); "
         "fuller packs are split in order (default: no limit)",
     )
+    add_hub_args(p)
     return p
 
 
