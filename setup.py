@@ -43,9 +43,11 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
+        # --wandb-project (adadpo-train and the Megatron-LM entry).
+        "wandb": ["wandb>=0.17"],
         "hf": ["transformers>=4.45", "gguf>=0.10", "accelerate", "safetensors"],
-        # adadpo-pack's Parquet and save_to_disk inputs (datasets: only the tests write them).
-        "data": ["pyarrow>=14", "datasets>=2.14"],
+        # adadpo-pack's Parquet and save_to_disk inputs, and hf:NAME inputs (datasets).
+        "data": ["pyarrow>=14", "datasets>=2.16"],
         # tensorboard: the Megatron-LM suite reads the plugin's TensorBoard scalars back.
         # six and pybind11: Megatron-LM's own training loop (tests/megatron_lm) imports six and
         # compiles its dataset helpers with pybind11 at start-up.
@@ -56,6 +58,7 @@ setup(
             "tensorboard>=2.14",
             "six>=1.16",
             "pybind11>=2.11",
+            "wandb>=0.17",  # the W&B tests (offline)
         ],
     },
     entry_points={

@@ -142,4 +142,5 @@ def check_train_paths(cfg) -> None:
         ("outdir", io.save, "--save"),
         ("outdir", io.log_dir, "--log-dir"),
         ("outdir", io.tensorboard_dir, "--tensorboard-dir"),
+        ("outdir", getattr(getattr(cfg, "wandb", None), "save_dir", None), "--wandb-save-dir"),
     ])

@@ -248,8 +248,17 @@ def build_run(cfg: TrainConfig) -> Run:
         run.iteration = state["iteration"]
         run.skipped_in_a_row = state["skipped_in_a_row"]
         position.load_state_dict(state["data"])
+    from adadpo_megatron.trainer.wandb_logging import WandbStartError, open_wandb
+
+    resume_from = cfg.io.load if cfg.io.load and not cfg.io.finetune else None
+    try:
+        wandb = open_wandb(cfg.wandb, enabled=_is_logging_rank(), save=cfg.io.save,
+                           log_dir=cfg.io.log_dir, resume_from=resume_from, config=cfg.to_dict())
+    except WandbStartError as e:
+        raise ConfigError(str(e)) from e
     run.writer = MetricsWriter(enabled=_is_logging_rank(), log_dir=cfg.io.log_dir,
-                               tensorboard_dir=cfg.io.tensorboard_dir, start_step=run.iteration)
+                               tensorboard_dir=cfg.io.tensorboard_dir, start_step=run.iteration,
+                               wandb=wandb)
     return run
 
 

@@ -5,6 +5,7 @@
         [--seed S] [--align N] [--prefix-sharing] [--max-pairs-per-pack N]
         [--chat-template auto|tokenizer|none|chatml|llama3|plain|PATH]
         [--no-bos] [--no-eos] [--bos-token TEXT] [--eos-token TEXT] [--strict] [--overwrite]
+    adadpo-pack hf:NAME [--split S] [--subset C] [--revision R] --output DIR ...  (data/hub.py)
 
 Input forms: :mod:`adadpo_megatron.data.records` (rows) and :mod:`adadpo_megatron.data.readers`
 (files: .jsonl, .jsonl.gz, .parquet, datasets' save_to_disk directories). BOS/EOS and
@@ -36,6 +37,7 @@ import numpy as np
 
 from adadpo_megatron.data.chat_template import TEMPLATE_CHOICES, resolve_chat_template
 from adadpo_megatron.data.encode import EncodeConfig, NoChatTemplateError, PairEncoder
+from adadpo_megatron.data.hub import add_hub_args, hub_options, is_hub_input, open_hub
 from adadpo_megatron.data.packed_format import (
     DATA_FILES,
     FORMAT_VERSION,
@@ -112,6 +114,8 @@ class PackOptions:
     """--prefix-sharing: lay each pair out as [prompt | chosen | rejected] (data.prefix_layout)."""
     max_pairs_per_pack: int | None = None
     """--max-pairs-per-pack: at most this many pairs per pack (1: one pair per pack)."""
+    hub: Any = None
+    """--split/--subset/--revision of an hf:NAME input (data.hub.HubOptions)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "input",
         type=Path,
-        help="preference pairs ({prompt, chosen, rejected}): .jsonl, .jsonl.gz, .parquet, or a "
-        "directory written by datasets' save_to_disk",
+        help="preference pairs ({prompt, chosen, rejected}): .jsonl, .jsonl.gz, .parquet, a "
+        "directory written by datasets' save_to_disk, or hf:NAME (a Hugging Face dataset)",
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--output", "-o", type=Path, required=True, help="directory to create")
@@ -198,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most N pairs per pack (1: one pair per pack, the padded baseline); "
         "fuller packs are split in order (default: no limit)",
     )
+    add_hub_args(p)
     return p
 
 
@@ -224,6 +229,7 @@ def _options(args: argparse.Namespace) -> PackOptions:
         overwrite=args.overwrite,
         prefix_sharing=args.prefix_sharing,
         max_pairs_per_pack=args.max_pairs_per_pack,
+        hub=hub_options(args),
     )
 
 
@@ -259,7 +265,7 @@ def _read_input(
             if len(chunk) == _CHUNK_LINES:
                 _flush(chunk, opts, reader, encoder, writer, facts)
         _flush(chunk, opts, reader, encoder, writer, facts)
-    return {"lines_read": lines_read, "sha256": reader.sha256(), **facts}
+    return {"lines_read": lines_read, "input": reader.describe(), **facts}
 
 
 def _flush(
@@ -340,11 +346,7 @@ def _meta(
         "format_version": FORMAT_VERSION,
         "created_by": "adadpo-pack",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "input": {
-            "path": str(opts.input.resolve()),
-            "format": facts.pop("format"),
-            "sha256": facts.pop("sha256"),
-        },
+        "input": facts.pop("input"),
         "tokenizer": {
             "kind": tok.kind,
             "path": str(tok.path.resolve()),
@@ -410,7 +412,8 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
             output). Nothing is left at ``opts.output`` then, nor any temporary directory.
     """
     out = opts.output
-    if not Path(opts.input).is_dir():  # a save_to_disk directory: open_input checks it
+    hub = is_hub_input(opts.input)
+    if not hub and not Path(opts.input).is_dir():  # a directory: open_input checks it
         readable_file(opts.input, "input")
     if not Path(opts.tokenizer).is_dir():
         readable_file(opts.tokenizer, "--tokenizer")
@@ -420,7 +423,7 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
     except PathError as exc:
         raise PackError(f"--output {out}: {exc}") from None
     try:
-        reader = open_input(opts.input)
+        reader = open_hub(str(opts.input)[3:], opts.hub) if hub else open_input(opts.input)
         tok = load_tokenizer(opts.tokenizer, bos_token=opts.bos_token, eos_token=opts.eos_token)
         template = resolve_chat_template(opts.chat_template, tok)
         encoder = PairEncoder(tok, template, opts.encode)
@@ -433,7 +436,7 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
     writer: PackedWriter | None = None
     try:
         writer = PackedWriter(tmp, tok)
-        facts = {"format": reader.format, **_read_input(opts, reader, encoder, writer)}
+        facts = _read_input(opts, reader, encoder, writer)
         if facts["lines_read"] != writer.num_pairs + writer.reasons.total():
             raise RuntimeError(
                 f"internal error: {facts['lines_read']} lines read != {writer.num_pairs} packed "

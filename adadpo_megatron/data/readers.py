@@ -17,7 +17,8 @@ the conversational forms and every reject reason apply to all of them):
   files); ``line`` is the 0-based row index (``dataset[line]``). A ``DatasetDict``
   directory is refused with the splits to choose from.
 
-Parquet and Arrow need ``pyarrow`` (``pip install pyarrow``); ``datasets`` itself is not
+``hf:NAME`` (a Hugging Face dataset through ``datasets.load_dataset``) is read by
+:mod:`adadpo_megatron.data.hub`. Parquet and Arrow need ``pyarrow`` (``pip install pyarrow``); ``datasets`` itself is not
 needed to read a ``save_to_disk`` directory.
 """
 
@@ -40,7 +41,7 @@ from adadpo_megatron.data.records import (
 
 __all__ = ["FORMATS", "InputReader", "open_input"]
 
-FORMATS = ("jsonl", "jsonl.gz", "parquet", "datasets")
+FORMATS = ("jsonl", "jsonl.gz", "parquet", "datasets", "hf")
 """Input forms, as recorded in ``meta.json`` (``input.format``)."""
 
 Item = tuple[int, PreferenceRecord | RecordRejected]
@@ -73,6 +74,10 @@ class InputReader:
     def location(self, line: int) -> str:
         """``FILE:LINE`` for JSONL, ``FILE: row N`` for row inputs (for error messages)."""
         return f"{self.path}:{line}" if self.line_base else f"{self.path}: row {line}"
+
+    def describe(self) -> dict[str, Any]:
+        """``meta.json``'s ``input`` record: path, format, sha256 (complete once iterated)."""
+        return {"path": str(self.path.resolve()), "format": self.format, "sha256": self.sha256()}
 
     def sha256(self) -> str:
         """Digest of the input's content: its lines (decompressed), or its data files' bytes.

@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     from adadpo_megatron.step.fp8 import add_fp8_args
     from adadpo_megatron.trainer.exits import add_exit_args
     from adadpo_megatron.trainer.moe_config import add_arch_args
+    from adadpo_megatron.trainer.wandb_logging import add_wandb_args
 
     p = argparse.ArgumentParser(
         prog="adadpo-train",
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arch_args(p)
     add_fp8_args(p)
     add_exit_args(p)
+    add_wandb_args(p)
     return p
 
 

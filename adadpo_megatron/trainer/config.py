@@ -210,6 +210,8 @@ class TrainConfig:
     """adadpo_megatron.trainer.exits.ExitConfig (None: never stop early)."""
     arch: Any = None
     """adadpo_megatron.trainer.moe_config.ArchSettings: family and MoE flags (None: dense)."""
+    wandb: Any = None
+    """adadpo_megatron.trainer.wandb_logging.WandbConfig (None: no W&B logging)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict of every setting (written to config.json and checkpoints)."""
@@ -475,9 +477,11 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
             raise ConfigError(str(e)) from e
         _require(a.bf16, "--fp8-format needs --bf16 (FP8 GEMMs run inside a bf16 model)")
     from adadpo_megatron.trainer.exits import exit_config_from_args
+    from adadpo_megatron.trainer.wandb_logging import wandb_config_from_args
 
     try:
         exits = exit_config_from_args(a)
+        wandb = wandb_config_from_args(a)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     from adadpo_megatron.trainer.moe_config import arch_from_args
@@ -488,4 +492,5 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
         raise ConfigError(str(e)) from e
     return TrainConfig(model=model, parallel=parallel, training=training,
                        optim=_optim_args(a), io=_io_args(a), loss=loss,
-                       reference=_reference_args(a, loss), fp8=fp8, exits=exits, arch=arch)
+                       reference=_reference_args(a, loss), fp8=fp8, exits=exits, arch=arch,
+                       wandb=wandb)

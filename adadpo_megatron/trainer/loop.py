@@ -292,7 +292,10 @@ def train(run: Run) -> None:
 
     Raises ``TrainingStopped`` after --max-skipped-steps consecutive non-finite steps.
     """
+    from adadpo_megatron.trainer.eta import StepClock
+
     cfg = run.cfg
+    clock = StepClock(cfg.training.train_iters)  # elapsed_s, eta_s: median step time
     for chunk in run.model:
         chunk.train()
     while run.iteration < cfg.training.train_iters:
@@ -309,7 +312,8 @@ def train(run: Run) -> None:
             run.writer.message(f"step {step}: non-finite {what}; skipped the update "
                                f"({run.skipped_in_a_row} in a row, limit "
                                f"{cfg.training.max_skipped_steps})")
-        logged = _log_metrics(run, metrics, result, seconds)
+        clock.add(seconds)
+        logged = {**_log_metrics(run, metrics, result, seconds), **clock.metrics(step)}
         if run.on_step is not None:
             run.on_step(step, logged)
         last = step == cfg.training.train_iters

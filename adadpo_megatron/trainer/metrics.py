@@ -18,10 +18,13 @@ Output, written by one rank (the last pipeline stage's first TP/CP/DP rank):
   ``grad_norm`` (global L2 norm before clipping), ``pairs``, ``tokens`` (real) and
   ``padded_tokens`` of the global batch, ``tokens_per_s``, ``pairs_per_s``,
   ``packing_efficiency`` (real tokens / (packs x --seq-length)), ``step_time_s``,
-  ``skipped_steps`` (consecutive non-finite steps so far). Evaluations are separate
+  ``skipped_steps`` (consecutive non-finite steps so far), ``elapsed_s`` and ``eta_s``
+  (``trainer/eta.py``; shown as ``elapsed H:MM:SS | eta H:MM:SS`` on the line). Evaluations are separate
   objects with the same ``step`` and ``eval/``-prefixed names. NaN/inf are written as
   the strings "nan"/"inf".
 * TensorBoard scalars under the same names when ``tensorboard`` is installed.
+* Weights & Biases (``--wandb-project``): the same names and values, through a sink
+  from ``trainer/wandb_logging.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import time
 from typing import Any, TextIO
 
+from adadpo_megatron.trainer.eta import format_duration
 from adadpo_megatron.trainer.progress import truncate_metrics
 
 __all__ = ["MetricsWriter", "format_log_line"]
@@ -58,6 +62,9 @@ def format_log_line(step: int, train_iters: int, metrics: dict[str, Any]) -> str
     """One Megatron-style line: time, ``step N/M``, then the known metrics in a fixed order."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [f"[{stamp}] step {step}/{train_iters}"]
+    for key in ("elapsed_s", "eta_s"):
+        if isinstance(metrics.get(key), int | float):
+            parts.append(f"{key[:-2]} {format_duration(metrics[key])}")
     prefix = "eval/" if any(k.startswith("eval/") for k in metrics) else ""
     for name in _LINE_ORDER:
         key = prefix + name
@@ -73,20 +80,22 @@ def _json_value(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Writes log lines, ``metrics.jsonl`` and TensorBoard scalars on the logging rank only.
+    """Writes log lines, ``metrics.jsonl``, TensorBoard and W&B scalars on the logging rank.
 
     ``enabled`` is False on every other rank (then every method is a no-op). ``log_dir``
-    and ``tensorboard_dir`` may be None. Appends to an existing ``metrics.jsonl`` (a
+    and ``tensorboard_dir`` may be None; ``wandb`` is an open sink (``log(step, metrics)``,
+    ``close()``; ``trainer.wandb_logging.WandbSink``) or None. Appends to an existing ``metrics.jsonl`` (a
     resumed run continues it) after dropping records past ``start_step`` (and a partial
     last line, with a note: :func:`~adadpo_megatron.trainer.progress.truncate_metrics`).
     """
 
     def __init__(self, *, enabled: bool, log_dir: str | None, tensorboard_dir: str | None,
-                 start_step: int = 0, print_fn=print) -> None:
+                 start_step: int = 0, print_fn=print, wandb: Any = None) -> None:
         self.enabled = enabled
         self._print = print_fn
         self._jsonl: TextIO | None = None
         self._tb = None
+        self._wandb = wandb if enabled else None
         if not enabled:
             return
         if log_dir:
@@ -116,6 +125,8 @@ class MetricsWriter:
             for k, v in metrics.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, metrics)
 
     def message(self, text: str) -> None:
         """Print a one-off message (skips, checkpoints, evaluation) on the logging rank."""
@@ -130,3 +141,6 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None

@@ -78,7 +78,9 @@ launch "${W}/data_separate" "${W}/uninterrupted" > "${W}/uninterrupted.log" 2>&1
 grep -E "^ *step|iteration" "${W}/uninterrupted.log" | tail -n 2 || true
 
 stage "6. the same run, SIGTERM (Slurm's warning) once step 3 is logged"
-launch "${W}/data_separate" "${W}/requeued" > "${W}/requeued.log" 2>&1 &
+# A plain command (not the function) so that $! is the launcher, which execs torchrun.
+ADADPO_70B_DATA="${W}/data_separate" ADADPO_70B_SAVE="${W}/requeued" ADADPO_70B_INIT="${W}/init" \
+  MASTER_PORT="$(free_port)" bash "${HERE}/train_adadpo_70b.sh" > "${W}/requeued.log" 2>&1 &
 pid=$!
 metrics="${W}/requeued/logs/metrics.jsonl"
 until [[ -f "${metrics}" ]] && (( $(grep -c '"loss"' "${metrics}") >= 3 )); do

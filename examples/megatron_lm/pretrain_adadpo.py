@@ -95,6 +95,7 @@ def _step_metrics():
 
     from adadpo_megatron.integrations.megatron_lm_data import microbatches_per_step
     from adadpo_megatron.integrations.megatron_lm_metrics import StepMetrics
+    from adadpo_megatron.integrations.megatron_lm_wandb import megatron_wandb_sink
     from adadpo_megatron.trainer.loop import _is_logging_rank
     from adadpo_megatron.trainer.metrics import MetricsWriter
 
@@ -110,7 +111,8 @@ def _step_metrics():
     return StepMetrics(
         writer=writer, step_fn=lambda: int(getattr(args, "curr_iteration", start - 1)) + 1,
         train_iters=args.train_iters, train_period=m,
-        eval_period=max(1, int(args.eval_iters or 0)) * m, log_interval=args.log_interval)
+        eval_period=max(1, int(args.eval_iters or 0)) * m, log_interval=args.log_interval,
+        wandb=megatron_wandb_sink(args) if getattr(args, "wandb_project", None) else None)
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):
@@ -166,6 +168,15 @@ def forward_step(data_iterator, model):
 
 def main() -> None:
     """Hand everything to Megatron-LM's ``pretrain``."""
+    from adadpo_megatron.integrations.megatron_lm_wandb import check_wandb_flags
+
+    # Megatron-LM's own --wandb-* flags: refuse in one line what would be a traceback on
+    # its last rank; continue the W&B run of the checkpoint being resumed.
+    problem = check_wandb_flags(sys.argv[1:])
+    if problem:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"pretrain_adadpo.py: error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 

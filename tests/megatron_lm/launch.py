@@ -47,7 +47,8 @@ ADADPO_TRAIN_MODEL = [
 
 def _env(megatron_lm_path: str) -> dict[str, str]:
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1",
-           "MEGATRON_LM_PATH": megatron_lm_path, "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+           "MEGATRON_LM_PATH": megatron_lm_path, "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # --wandb-project: no network
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return env
 

@@ -8,8 +8,10 @@ archive (see conftest.py). One module fixture runs every launch once (a launch c
    a Megatron-LM user's SFT model, with no ``adadpo_meta.json``.
 2. ``main``: ratio-space adadpo, TP=2, 10 steps from ``--load sft --finetune``, online
    reference ``--ref-load sft``, ``--train-data-path``/``--valid-data-path``, evaluation
-   every 5 steps, checkpoints at 5 and 10, ``--log-dir`` and ``--tensorboard-dir``.
-3. ``resumed``: ``main``'s step-5 checkpoint resumed to step 10 at DP=2 (TP=1).
+   every 5 steps, checkpoints at 5 and 10, ``--log-dir``, ``--tensorboard-dir`` and
+   Megatron-LM's ``--wandb-*`` flags (offline).
+3. ``resumed``: ``main``'s step-5 checkpoint resumed to step 10 at DP=2 (TP=1), into the
+   same W&B run.
 4. ``precompute_ref_logprobs.py --ref-load sft`` (TP=2): side-cars for both splits.
 5. ``adadpo-train`` with main's flags and those side-cars (TP=2).
 6. ``dpo``: dpo, DP=2, 2 steps from sft with ``--ref-logprobs`` (the side-car).
@@ -39,6 +41,10 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= TOL * max(1.0, abs(b))
 
 LOSS_FLAGS = ["--preference-loss", "adadpo", "--adadpo-space", "ratio"]
+# Megatron-LM's own W&B flags (offline: launch.py sets WANDB_MODE); files in SAVE/wandb.
+WANDB = ["--wandb-project", "adadpo-test", "--wandb-exp-name", "megatron-lm"]
+# Wall-clock scalars: differ between any two runs.
+TIMING = {"elapsed_s", "eta_s"}
 
 
 def _pack(work: Path, name: str, n: int, seed: int) -> Path:
@@ -91,18 +97,19 @@ def runs(megatron_lm_path, tmp_path_factory) -> dict:
         *data, "--eval-interval", "5", "--eval-iters", "1", *LOSS_FLAGS,
         "--load", str(sft), "--finetune", "--ref-load", str(sft),
         "--save", str(main / "ckpt"), "--save-interval", "5",
-        "--log-dir", str(main / "log"), "--tensorboard-dir", str(main / "tb"))
+        "--log-dir", str(main / "log"), "--tensorboard-dir", str(main / "tb"), *WANDB)
 
     resumed = work / "resumed"
     (resumed / "ckpt").mkdir(parents=True)
     shutil.copytree(main / "ckpt" / "iter_0000005", resumed / "ckpt" / "iter_0000005")
     (resumed / "ckpt" / "latest_checkpointed_iteration.txt").write_text("5\n")
+    shutil.copy(main / "ckpt" / "wandb_run.json", resumed / "ckpt")  # the W&B run to continue
     out["resumed_proc"] = pretrain(
         megatron_lm_path, 2, "--tensor-model-parallel-size", "1", "--train-iters", "10",
         *data, "--eval-interval", "5", "--eval-iters", "1", *LOSS_FLAGS,
         "--load", str(resumed / "ckpt"), "--ref-load", str(sft),
         "--save", str(resumed / "ckpt"), "--save-interval", "5",
-        "--log-dir", str(resumed / "log"))
+        "--log-dir", str(resumed / "log"), *WANDB)
 
     at_flags = [*ADADPO_TRAIN_MODEL, "--tensor-model-parallel-size", "2",
                 "--data-path", str(train), "--eval-data-path", str(valid)]
@@ -143,7 +150,7 @@ def test_ten_steps_equal_adadpo_train(runs) -> None:
     theirs, theirs_eval = _records(runs["work"] / "adadpo_train_log")
     assert sorted(mine) == sorted(theirs) == list(range(1, 11))
     for step in mine:
-        shared = set(mine[step]) & set(theirs[step]) - {"step"}
+        shared = set(mine[step]) & set(theirs[step]) - {"step"} - TIMING
         assert {"loss", "logps/chosen", "adadpo/coef_max", "pairs"} <= shared
         for key in shared:
             assert _close(mine[step][key], theirs[step][key]), (step, key)
@@ -274,3 +281,44 @@ def test_dropout_is_refused_before_any_model_is_built(runs) -> None:
     assert "pretrain_adadpo.py: error: --hidden-dropout 0.1" in proc.stderr
     assert "--hidden-dropout 0 --attention-dropout 0" in proc.stderr
     assert "number of parameters" not in proc.stdout  # Megatron-LM prints it once built
+
+
+def _wandb_rows(path: Path) -> dict[int, dict]:
+    from wandb_offline import history
+
+    rows: dict[int, dict] = {}
+    for row in history(path):
+        rows.setdefault(row.pop("_step"), {}).update(row)
+    return rows
+
+
+def test_wandb_run_holds_the_plugin_records_and_the_resume_continues_it(runs) -> None:
+    """Megatron-LM's own W&B run (its --wandb-* flags) holds every metrics.jsonl record
+    under the same names at the same steps, beside Megatron-LM's scalars; the resumed
+    launch continues that run (same id, steps 6-10)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "data"))
+    from wandb_offline import offline_runs, run_id
+
+    main = offline_runs(runs["work"] / "main" / "ckpt" / "wandb")
+    resumed = offline_runs(runs["work"] / "resumed" / "ckpt" / "wandb")
+    assert len(main) == len(resumed) == 1  # one W&B run per launch
+    assert run_id(resumed[0]) == run_id(main[0])
+    saved = json.loads((runs["work"] / "main" / "ckpt" / "wandb_run.json").read_text())
+    assert saved["id"] == run_id(main[0]) and saved["project"] == "adadpo-test"
+    for path, name, steps in ((main[0], "main", range(1, 11)), (resumed[0], "resumed",
+                                                                 range(6, 11))):
+        rows = _wandb_rows(path)
+        train, evals = _records(runs["work"] / name / "log")
+        assert sorted(train) == list(steps)
+        for rec in [*train.values(), *evals]:
+            got = rows[rec["step"]]
+            for key, value in rec.items():
+                if key == "step":
+                    continue
+                # Megatron-LM logs the loss-report names too (the same sum-over-sum means,
+                # after the plugin, at the same step): equal to round-off.
+                assert key in got and _close(got[key], value), (name, rec["step"], key)
+        assert {"eta_s", "elapsed_s", "eval/loss", "pairs"} <= rows[10].keys()
+    assert "learning-rate" in _wandb_rows(main[0])[1]  # Megatron-LM's own scalars, same run

@@ -248,7 +248,12 @@ def test_step_metrics_reduce_write_and_fix_the_max_for_megatron_lm() -> None:
         metrics.add(report(2.0, 1.0, 2.0), training=False)
         metrics.add(report(0.0, 1.0, 1.0), training=False)
         assert [s for s, _ in writer.logged] == [2, 3, 3]  # --log-interval 2, the last step
-        assert writer.logged[0][1] == pytest.approx({"loss": -0.6, "adadpo/coef_max": 1.5, "pairs": 5.0})
+        first = dict(writer.logged[0][1])
+        # Elapsed time and the ETA (trainer/eta.py): one step left after step 2.
+        assert first.pop("elapsed_s") >= 0.0
+        assert first.pop("eta_s") > 0.0
+        assert first == pytest.approx({"loss": -0.6, "adadpo/coef_max": 1.5, "pairs": 5.0})
+        assert writer.logged[1][1]["eta_s"] == 0.0
         assert writer.logged[2][1] == {"eval/loss": 1.0, "eval/adadpo/coef_max": 2.0}
     finally:
         parallel_state.destroy_model_parallel()
