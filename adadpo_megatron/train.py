@@ -258,18 +258,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns the exit status: 0 on success, 2 for a configuration error (flag checks run
     before any process-group work; data, checkpoint and side-car checks right after the
     process group is up, before the first step), 1 when training stopped on repeated
-    non-finite steps.
+    non-finite steps or an output could not be written (a full disk), 130 on Ctrl-C
+    (SIGINT). Each error is one line per job, not per rank
+    (:mod:`adadpo_megatron.trainer.job_report`).
     """
+    import signal
+
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_state: dict = {"save": None}
+
+
+def _on_sigint(signum, frame) -> None:
+    """First SIGINT: stop (KeyboardInterrupt); the ones that follow (torchrun forwards the
+    terminal's Ctrl-C again) are ignored so the cleanup runs to the end."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    import signal
+
+    from adadpo_megatron.trainer.job_report import say
+    from adadpo_megatron.trainer.write_failure import resume_hint
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    save = _state["save"]
+    where = resume_hint(save).replace("free space and ", "") if save else "nothing was saved"
+    say(f"adadpo-train: interrupted (SIGINT); {where}")
+    try:
+        _destroy()
+    except Exception:  # noqa: BLE001 - peers are gone too; exit anyway
+        pass
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from adadpo_megatron.io_errors import WriteFailed
     from adadpo_megatron.preflight import PathError, check_train_paths
     from adadpo_megatron.trainer.arguments import parse_config
+    from adadpo_megatron.trainer.job_report import job_failed, say_error
     from adadpo_megatron.trainer.progress import resolve_resume
+    from adadpo_megatron.trainer.write_failure import resume_hint
 
     try:
         cfg = parse_config(argv)
+        _state["save"] = cfg.io.save
         check_train_paths(cfg)  # inputs readable, outputs writable: before any step is spent
         cfg = resolve_resume(cfg, note=_note)  # --save holding a checkpoint: resume or refuse
     except (ConfigError, PathError) as e:
-        print(f"adadpo-train: error: {e}", file=sys.stderr)
+        say_error(f"adadpo-train: error: {e}")
         return 2
     if cfg.parallel.device == "cpu":
         from adadpo_megatron.step.cpu import silence_cpu_notices
@@ -277,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         silence_cpu_notices()
     # megatron-core is imported only now, so flag errors and --help come back fast.
     from adadpo_megatron.step.reference import SidecarError
-    from adadpo_megatron.trainer.checkpointing import CheckpointError
+    from adadpo_megatron.trainer.checkpointing import CheckpointError, CheckpointWriteError
     from adadpo_megatron.trainer.hygiene import install
 
     install(checkpoint_writer=bool(cfg.io.save))  # no child outlives this rank
@@ -288,17 +335,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adadpo_megatron.trainer.exits import ExitConfig, ExitPolicy
 
         run.exits = ExitPolicy(cfg.exits or ExitConfig())
+        finished = False
         try:
             train(run)
+            finished = True
         finally:
             run.exits.restore()
-            run.writer.close()
+            try:
+                run.writer.close()
+            except WriteFailed:
+                if finished:  # else the error already on its way says more
+                    raise
+    except CheckpointWriteError as e:
+        say_error(f"adadpo-train: error: {e}")
+        return 1
+    except WriteFailed as e:
+        hint = resume_hint(cfg.io.save) if cfg.io.save else "no --save: a rerun starts over"
+        say_error(f"adadpo-train: error: {e}; {hint}")
+        return 1
     except (ConfigError, CheckpointError, SidecarError) as e:
-        print(f"adadpo-train: error: {e}", file=sys.stderr)
+        say_error(f"adadpo-train: error: {e}")
         return 2
     except TrainingStopped as e:
-        print(f"adadpo-train: {e}", file=sys.stderr)
+        say_error(f"adadpo-train: {e}")
         return 1
+    except Exception:
+        if job_failed():  # a peer failed and reported it; this rank's collective broke
+            return 1
+        raise
     finally:
         _destroy()
     return 0

@@ -41,11 +41,14 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from adadpo_megatron.io_errors import describe_os_error
 from adadpo_megatron.trainer.manifest import ManifestError, verify_manifest, write_manifest
 from adadpo_megatron.trainer.progress import TRACKER
+from adadpo_megatron.trainer.write_failure import agree, remove_quietly, resume_hint
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "latest_iteration",
     "load_checkpoint",
     "load_model_weights",
@@ -58,6 +61,16 @@ META = "adadpo_meta.json"
 FORMAT_VERSION = 1
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
                    "chained_optim_avoid_prefix": True}
+
+
+def _drop_repeated_write_errors(record: logging.LogRecord) -> bool:
+    # megatron-core logs each failed writer process ("Local process 1 encountered an
+    # error: ...") and then raises; save_checkpoint reports the raise in one line.
+    return not record.getMessage().startswith("Local process")
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").addFilter(
+    _drop_repeated_write_errors)
 
 
 class CheckpointError(RuntimeError):
@@ -150,50 +163,104 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
     nonce = [uuid.uuid4().hex[:8] if rank == 0 else None]
     torch.distributed.broadcast_object_list(nonce, src=0)
     tmp = f"{final}.tmp-{nonce[0]}"
+    error = None
     if rank == 0:
-        os.makedirs(tmp)
-    torch.distributed.barrier()
-
-    model_sd = _model_sharded(model, "model")
-    state: dict[str, Any] = dict(model_sd)
-    state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=False)
-    if reference is not None:
-        state.update(_model_sharded(reference, "reference"))
-    state["scheduler"] = scheduler.state_dict()
-    state["data"] = data_state
-    state["iteration"] = iteration
-    state["skipped_in_a_row"] = skipped_in_a_row
-    state["rng_state"] = _rng_sharded(_rng_state())
-    dist_checkpointing.save(state, tmp)
-    torch.distributed.barrier()
-    write_manifest(tmp)  # every file's size and sha256, before the meta file commits it
-
-    if rank == 0:
-        meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
-                "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
-                "layout": _layout(), "has_reference": reference is not None,
-                "optimizer_metadata": _OPTIM_METADATA, "config": config,
-                "tokenizer": tokenizer}
-        _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
-        aside = None
-        if os.path.exists(final):  # re-saving a step (a resumed run saving into --load)
-            aside = f"{final}.old-{nonce[0]}"
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
-        if aside is not None:
-            shutil.rmtree(aside)
+        try:
+            os.makedirs(tmp)
+        except OSError as e:
+            error = describe_os_error(e, tmp)
+    _raise_if_failed(agree(error), root, final, tmp)
+    try:
+        model_sd = _model_sharded(model, "model")
+        state: dict[str, Any] = dict(model_sd)
+        state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=False)
+        if reference is not None:
+            state.update(_model_sharded(reference, "reference"))
+        state["scheduler"] = scheduler.state_dict()
+        state["data"] = data_state
+        state["iteration"] = iteration
+        state["skipped_in_a_row"] = skipped_in_a_row
+        state["rng_state"] = _rng_sharded(_rng_state())
+        error = _write_guarded(lambda: dist_checkpointing.save(state, tmp), tmp)
+        _raise_if_failed(agree(error), root, final, tmp)
+        torch.distributed.barrier()
+        # every file's size and sha256, before the meta file commits it
+        error = _write_guarded(lambda: write_manifest(tmp), tmp)
+        _raise_if_failed(agree(error), root, final, tmp)
+        if rank == 0:
+            meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
+                    "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
+                    "layout": _layout(), "has_reference": reference is not None,
+                    "optimizer_metadata": _OPTIM_METADATA, "config": config,
+                    "tokenizer": tokenizer}
+            error = _write_guarded(lambda: _commit(root, final, tmp, nonce[0], iteration, meta),
+                                   tmp)
+        _raise_if_failed(agree(error), root, final, tmp)
+    except BaseException:  # interrupted (Ctrl-C) or failed: no staging directory stays behind
+        if rank == 0:
+            remove_quietly(tmp)
+        raise
     torch.distributed.barrier()
     return final
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (a full or failing disk): nothing of it was committed."""
+
+
+def _write_guarded(write, tmp: str) -> str | None:
+    """Run ``write()``; the one-line description of a failure, or None."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        write()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch's is a BaseException
+        return describe_os_error(e, tmp)
+    return None
+
+
+def _raise_if_failed(error: str | None, root: str, final: str, tmp: str) -> None:
+    if error is None:
+        return
+    if torch.distributed.get_rank() == 0:
+        remove_quietly(tmp)
+    raise CheckpointWriteError(f"cannot write checkpoint {final} ({error}); the tracker and "
+                               f"earlier checkpoints are untouched and {tmp} was removed; "
+                               f"{resume_hint(root)}")
+
+
+def _commit(root: str, final: str, tmp: str, nonce: str, iteration: int,
+            meta: dict[str, Any]) -> None:
+    """Rank 0: meta file last, the directory into place, then the tracker."""
+    _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
+    aside = None
+    if os.path.exists(final):  # re-saving a step (a resumed run saving into --load)
+        aside = f"{final}.old-{nonce}"
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    except BaseException:
+        if os.path.isdir(final) and not os.path.exists(tmp):
+            os.replace(final, tmp)  # back to staging (removed by the caller)
+        if aside is not None:
+            os.replace(aside, final)  # the old checkpoint of this step, as it was
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def latest_iteration(root: str) -> int:

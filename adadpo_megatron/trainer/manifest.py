@@ -84,9 +84,16 @@ def write_manifest(ckpt: str) -> None:
     """
     rank, world = _dist()
     names = _from_rank0(_list_files(ckpt) if rank == 0 else None)
-    mine = {name: _digest(os.path.join(ckpt, name)) for name in names[rank::world]}
+    try:
+        mine: Any = {name: _digest(os.path.join(ckpt, name)) for name in names[rank::world]}
+    except OSError as e:  # a failing disk: every rank raises it, none waits at the gather
+        mine = e
+    parts = _gather(mine)
+    failed = [p for p in parts if isinstance(p, OSError)]
+    if failed:
+        raise failed[0]
     merged: dict[str, Any] = {}
-    for part in _gather(mine):
+    for part in parts:
         merged.update(part)
     if rank == 0:
         payload = {"version": 1, "algorithm": "sha256", "files": dict(sorted(merged.items()))}
