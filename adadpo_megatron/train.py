@@ -264,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import signal
 
+    _state["pid"] = os.getpid()
     previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         return _main(argv)
@@ -271,9 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _interrupted()
     finally:
         signal.signal(signal.SIGINT, previous)
+        if _state["lease"] is not None:
+            _state.pop("lease").release()
+            _state["lease"] = None
 
 
-_state: dict = {"save": None}
+_state: dict = {"save": None, "lease": None, "pid": None, "interrupted": False}
+
+
+def _take_save_lease(cfg: TrainConfig) -> None:
+    """Global rank 0 takes ``--save``'s writer lease (trainer/save_lease.py) for the job."""
+    if cfg.io.save and os.environ.get("RANK", "0") == "0":
+        from adadpo_megatron.trainer.save_lease import SaveLease
+
+        _state["lease"] = SaveLease(cfg.io.save, note=_note).acquire()
 
 
 def _on_sigint(signum, frame) -> None:
@@ -281,17 +293,21 @@ def _on_sigint(signum, frame) -> None:
     terminal's Ctrl-C again) are ignored so the cleanup runs to the end."""
     import signal
 
+    if os.getpid() != _state["pid"]:
+        return  # a forked helper before its own at-fork hook ignores SIGINT: the rank decides
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _state["interrupted"] = True
     raise KeyboardInterrupt
 
 
 def _interrupted() -> int:
     import signal
 
-    from adadpo_megatron.trainer.job_report import say
+    from adadpo_megatron.trainer.job_report import mark_failed, say
     from adadpo_megatron.trainer.write_failure import resume_hint
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mark_failed()  # a peer whose collective breaks now stays quiet
     save = _state["save"]
     where = resume_hint(save).replace("free space and ", "") if save else "nothing was saved"
     say(f"adadpo-train: interrupted (SIGINT); {where}")
@@ -314,6 +330,7 @@ def _main(argv: Sequence[str] | None) -> int:
         cfg = parse_config(argv)
         _state["save"] = cfg.io.save
         check_train_paths(cfg)  # inputs readable, outputs writable: before any step is spent
+        _take_save_lease(cfg)  # one job per --save: before reading or writing anything there
         cfg = resolve_resume(cfg, note=_note)  # --save holding a checkpoint: resume or refuse
     except (ConfigError, PathError) as e:
         say_error(f"adadpo-train: error: {e}")
@@ -360,6 +377,8 @@ def _main(argv: Sequence[str] | None) -> int:
         say_error(f"adadpo-train: {e}")
         return 1
     except Exception:
+        if _state["interrupted"]:  # Ctrl-C stopped a peer first: this collective broke
+            raise KeyboardInterrupt from None
         if job_failed():  # a peer failed and reported it; this rank's collective broke
             return 1
         raise

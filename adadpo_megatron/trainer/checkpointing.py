@@ -44,6 +44,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from adadpo_megatron.io_errors import describe_os_error
 from adadpo_megatron.trainer.manifest import ManifestError, verify_manifest, write_manifest
 from adadpo_megatron.trainer.progress import TRACKER
+from adadpo_megatron.trainer.save_lease import lost_lease
 from adadpo_megatron.trainer.write_failure import agree, remove_quietly, resume_hint
 
 __all__ = [
@@ -166,7 +167,9 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
     error = None
     if rank == 0:
         try:
-            os.makedirs(tmp)
+            error = lost_lease(root)  # another job took this --save over: write nothing
+            if error is None:
+                os.makedirs(tmp)
         except OSError as e:
             error = describe_os_error(e, tmp)
     _raise_if_failed(agree(error), root, final, tmp)
