@@ -42,7 +42,15 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from adadpo_megatron.io_errors import describe_os_error
-from adadpo_megatron.trainer.manifest import ManifestError, verify_manifest, write_manifest
+from adadpo_megatron.trainer.manifest import (
+    MANIFEST,
+    ManifestError,
+    check_recorded_manifest,
+    record_checkpoint,
+    recorded,
+    verify_manifest,
+    write_manifest,
+)
 from adadpo_megatron.trainer.progress import TRACKER
 from adadpo_megatron.trainer.save_lease import lost_lease
 from adadpo_megatron.trainer.write_failure import agree, remove_quietly, resume_hint
@@ -242,6 +250,7 @@ def _commit(root: str, final: str, tmp: str, nonce: str, iteration: int,
         os.replace(final, aside)
     try:
         os.replace(tmp, final)
+        record_checkpoint(root, iteration, final, _write_atomic)  # the second record
         _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
     except BaseException:
         if os.path.isdir(final) and not os.path.exists(tmp):
@@ -326,6 +335,12 @@ def _load(state: dict[str, Any], ckpt: str) -> dict[str, Any]:
 
 def _verify(ckpt: str) -> None:
     """The checkpoint's files against its checksum manifest (collective); CheckpointError."""
+    root, name = os.path.split(ckpt.rstrip("/"))
+    want = recorded(root, int(name[5:])) if name.startswith("iter_") and name[5:].isdigit() \
+        else None
+    problem = check_recorded_manifest(ckpt, want) if want else None
+    if problem:
+        raise CheckpointError(f"damaged checkpoint: {problem}")
     try:
         verify_manifest(ckpt)
     except ManifestError as e:
@@ -405,7 +420,9 @@ def load_model_weights(root: str, chunks: list[torch.nn.Module], *,
     """
     iteration = latest_iteration(root)
     ckpt = _iter_dir(root, iteration)
-    if os.path.isfile(os.path.join(ckpt, META)) or not _is_torch_dist(ckpt):
+    ours = (os.path.isfile(os.path.join(ckpt, META)) or recorded(root, iteration)
+            or os.path.isfile(os.path.join(ckpt, MANIFEST)))  # deleting one file is not enough
+    if ours or not _is_torch_dist(ckpt):
         _read_meta(ckpt)  # ours: checked; neither ours nor torch_dist: refused with why
         _verify(ckpt)  # ours carry a checksum manifest
     # else a torch_dist checkpoint another program wrote (Megatron-LM's pretrain(), e.g. an
