@@ -38,8 +38,10 @@ def _world() -> int:
 
 def _namespace() -> str:
     # One namespace per attempt of the job: a restarted attempt reports its errors again.
-    return f"{_PREFIX}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/" \
-           f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    attempt = os.environ.get("ADADPO_ELASTIC_ATTEMPT")  # agreed by all nodes, once set
+    if attempt is None:
+        attempt = "local-" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"{_PREFIX}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{attempt}"
 
 
 def _store() -> Any:
