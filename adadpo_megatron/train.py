@@ -221,6 +221,10 @@ def build_run(cfg: TrainConfig) -> Run:
         run.reference_step = make_reference_forward_step(
             logprob_impl=cfg.training.logprob_impl)
         run.save_reference = cfg.reference.ref_load is None
+        if cfg.reference.ref_load is not None:  # recorded, so a bare --load SAVE finds it
+            from adadpo_megatron.trainer.reference_source import fingerprint_reference
+
+            run.reference_source = fingerprint_reference(cfg.reference.ref_load)
     elif cfg.reference.mode == "precomputed":
         run.precomputed = PrecomputedReference(cfg.reference.ref_logprobs,
                                                train_data.fingerprint, train_data.num_pairs)
@@ -237,6 +241,8 @@ def build_run(cfg: TrainConfig) -> Run:
             reference=run.reference if run.save_reference else None)
         run.iteration = state["iteration"]
         run.skipped_in_a_row = state["skipped_in_a_row"]
+        if state.get("reference_source"):  # the reference came from the recorded --ref-load
+            run.save_reference, run.reference_source = False, state["reference_source"]
         position.load_state_dict(state["data"])
     run.writer = MetricsWriter(enabled=_is_logging_rank(), log_dir=cfg.io.log_dir,
                                tensorboard_dir=cfg.io.tensorboard_dir, start_step=run.iteration)

@@ -159,13 +159,16 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
                     config: dict[str, Any], data_fingerprint: str | None,
                     skipped_in_a_row: int = 0,
                     reference: list[torch.nn.Module] | None = None,
-                    tokenizer: dict[str, Any] | None = None) -> str:
+                    tokenizer: dict[str, Any] | None = None,
+                    reference_source: dict[str, Any] | None = None) -> str:
     """Write checkpoint ``iteration`` under ``root`` atomically; returns its directory.
 
     Collective over the world. ``model``/``reference`` are this rank's chunks (DDP-wrapped
     or not), ``data_state`` the sampler's JSON-able position, ``fingerprint`` the run's
     ``TrainConfig.fingerprint()``, ``config`` its ``to_dict()``, ``tokenizer`` the training
-    data's ``{"fingerprint", "vocab_size"}`` (checked by later loads).
+    data's ``{"fingerprint", "vocab_size"}`` (checked by later loads), ``reference_source``
+    where the online reference's weights came from when they are not saved here
+    (``trainer/reference_source.py``).
     """
     rank = torch.distributed.get_rank()
     final = _iter_dir(root, iteration)
@@ -203,7 +206,7 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
                     "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
                     "layout": _layout(), "has_reference": reference is not None,
                     "optimizer_metadata": _OPTIM_METADATA, "config": config,
-                    "tokenizer": tokenizer}
+                    "tokenizer": tokenizer, "reference_source": reference_source}
             error = _write_guarded(lambda: _commit(root, final, tmp, nonce[0], iteration, meta),
                                    tmp)
         _raise_if_failed(agree(error), root, final, tmp)
@@ -371,14 +374,15 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
         raise CheckpointError(
             f"{ckpt} was trained on another dataset (fingerprint {meta['data_fingerprint']}, "
             f"--data-path has {data_fingerprint}); its data position would be meaningless")
+    ref_from = None
     if reference is not None and not meta["has_reference"]:
-        raise CheckpointError(f"{ckpt} holds no reference weights: give --ref-load")
+        ref_from = _recorded_reference(ckpt, meta)
     same_layout = meta["layout"] == _layout()
 
     model_sd = _model_sharded(model, "model")
     state: dict[str, Any] = dict(model_sd)
     state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=True)
-    if reference is not None:
+    if reference is not None and ref_from is None:
         state.update(_model_sharded(reference, "reference"))
     if same_layout:
         state["rng_state"] = _rng_sharded(None)
@@ -386,8 +390,11 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
 
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
-    for i, chunk in enumerate(reference or []):
-        _unwrap(chunk).load_state_dict(_strip(loaded[f"reference{i}"], "reference."))
+    if ref_from is not None:  # the recorded --ref-load checkpoint, verified unchanged
+        load_model_weights(ref_from["source"], reference)
+    else:
+        for i, chunk in enumerate(reference or []):
+            _unwrap(chunk).load_state_dict(_strip(loaded[f"reference{i}"], "reference."))
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
@@ -396,7 +403,24 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
         logger.warning("%s: saved at layout %s, loading at %s: RNG states not restored",
                        ckpt, meta["layout"], _layout())
     return {"iteration": int(loaded["iteration"]), "data": loaded["data"],
-            "skipped_in_a_row": int(loaded.get("skipped_in_a_row", 0))}
+            "skipped_in_a_row": int(loaded.get("skipped_in_a_row", 0)),
+            "reference_source": ref_from}
+
+
+def _recorded_reference(ckpt: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The reference checkpoint ``meta`` records, checked unchanged; CheckpointError."""
+    from adadpo_megatron.trainer.reference_source import reference_problem
+
+    record = meta.get("reference_source")
+    if not record:
+        raise CheckpointError(f"{ckpt} holds no reference weights and records no reference "
+                              "source: give --ref-load")
+    problem = reference_problem(record)
+    if problem:
+        raise CheckpointError(f"{ckpt}: its online reference came from {record['source']} "
+                              f"(iteration {record.get('iteration')}), but {problem}; give "
+                              "--ref-load with the original reference weights")
+    return record
 
 
 def _is_torch_dist(ckpt: str) -> bool:
