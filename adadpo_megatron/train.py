@@ -180,6 +180,7 @@ def build_run(cfg: TrainConfig) -> Run:
     from adadpo_megatron.trainer.metrics import MetricsWriter
     from adadpo_megatron.trainer.optim import build_optimizer, build_scheduler, ddp_config
 
+    ckpt.adopt_unverified(cfg.io.adopt_unverified_checkpoint)
     train_data = _open_data(cfg, cfg.io.data_path, "--data-path")
     eval_data = (_open_data(cfg, cfg.io.eval_data_path, "--eval-data-path")
                  if cfg.io.eval_data_path else None)

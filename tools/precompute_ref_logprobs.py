@@ -125,7 +125,7 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
         _vocab_size,
         prefix_attention_for,
     )
-    from adadpo_megatron.trainer.checkpointing import load_model_weights
+    from adadpo_megatron.trainer.checkpointing import adopt_unverified, load_model_weights
     from adadpo_megatron.trainer.loop import _is_logging_rank
     from adadpo_megatron.trainer.write_failure import agree
 
@@ -140,6 +140,7 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
                                      cfg, *(ds for ds, _ in targets)))
     chunks = build_model_chunks(config, _vocab_size(cfg, train_ds),
                                 cfg.model.max_position_embeddings, wrap_ddp=False)
+    adopt_unverified(cfg.io.adopt_unverified_checkpoint)
     iteration = load_model_weights(source, chunks) if source else None
     for chunk in chunks:
         chunk.eval()

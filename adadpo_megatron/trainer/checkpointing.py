@@ -336,8 +336,31 @@ def _load(state: dict[str, Any], ckpt: str) -> dict[str, Any]:
             "incomplete, or its shapes do not fit this model") from e
 
 
+_ADOPT = {"enabled": False}
+
+
+def adopt_unverified(enabled: bool) -> None:
+    """``--adopt-unverified-checkpoint``: loads hash a checkpoint without a manifest once
+    (one warning) and write its manifest, instead of refusing it."""
+    _ADOPT["enabled"] = bool(enabled)
+
+
+def _adopt(ckpt: str) -> None:
+    """Write the manifest of a pre-manifest checkpoint (collective), with one warning."""
+    from adadpo_megatron.trainer.job_report import say
+
+    if torch.distributed.get_rank() == 0:
+        say(f"adadpo-train: warning: {ckpt} has no checksum manifest (written before "
+            "manifests); --adopt-unverified-checkpoint: hashing it once, unverified, and "
+            f"writing {MANIFEST}: later loads verify against it")
+    write_manifest(ckpt)
+    torch.distributed.barrier()
+
+
 def _verify(ckpt: str) -> None:
     """The checkpoint's files against its checksum manifest (collective); CheckpointError."""
+    if _ADOPT["enabled"] and not os.path.isfile(os.path.join(ckpt, MANIFEST)):
+        _adopt(ckpt)
     root, name = os.path.split(ckpt.rstrip("/"))
     want = recorded(root, int(name[5:])) if name.startswith("iter_") and name[5:].isdigit() \
         else None

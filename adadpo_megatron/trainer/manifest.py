@@ -133,7 +133,8 @@ def _read(ckpt: str) -> dict[str, Any] | str:
         return files
     except FileNotFoundError:
         return (f"{path} is missing: the checkpoint is incomplete or was written without one "
-                "(by an older adadpo-megatron)")
+                "(by an older adadpo-megatron: --adopt-unverified-checkpoint hashes it once "
+                "and writes one)")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{path} is unreadable ({type(e).__name__}: {e})"
 

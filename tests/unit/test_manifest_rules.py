@@ -86,3 +86,37 @@ def test_verify_data_hashes_once_per_node(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="--data-path: /d/tokens.bin: sha256 differs"):
         check_identity(cfg, ds, None)
     assert calls == ["verify"]
+
+
+def test_adopting_a_pre_manifest_checkpoint_hashes_it_once_with_a_warning(tmp_path,
+                                                                          capsys) -> None:
+    import torch
+
+    from adadpo_megatron.trainer import checkpointing
+
+    cfg = parse_config(["--data-path", "/d", "--train-iters", "3", "--load", "/c",
+                        "--adopt-unverified-checkpoint"], world_size=1)
+    assert cfg.io.adopt_unverified_checkpoint
+    ckpt = tmp_path / "old" / "iter_0000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "__0_0.distcp").write_bytes(os.urandom(1000))
+    (ckpt / "adadpo_meta.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(CheckpointError, match="--adopt-unverified-checkpoint hashes it once"):
+        _verify(str(ckpt))  # refused by default, naming the way forward
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        checkpointing.adopt_unverified(True)
+        _verify(str(ckpt))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "has no checksum manifest" in err[0], err
+        assert (ckpt / "adadpo_manifest.json").is_file()
+        _verify(str(ckpt))  # adopted once: no second warning, verified from now on
+        assert capsys.readouterr().err == ""
+        (ckpt / "__0_0.distcp").write_bytes(os.urandom(1000))
+        with pytest.raises(CheckpointError, match="was changed"):
+            _verify(str(ckpt))
+    finally:
+        checkpointing.adopt_unverified(False)
+        torch.distributed.destroy_process_group()
