@@ -27,21 +27,25 @@ at the same layout (with a note otherwise), as Megatron-LM does.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
-import random
 import shutil
 import uuid
 from typing import Any
 
-import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from adadpo_megatron.io_errors import describe_os_error
+from adadpo_megatron.trainer.checkpoint_state import (
+    OPTIM_METADATA,
+    optimizer_sharded,
+    restore_adam_steps,
+    rng_sharded,
+    rng_state,
+    set_rng_state,
+)
 from adadpo_megatron.trainer.manifest import (
     MANIFEST,
     ManifestError,
@@ -68,13 +72,6 @@ logger = logging.getLogger(__name__)
 
 META = "adadpo_meta.json"
 FORMAT_VERSION = 1
-# megatron-core's optimizer sharded_state_dict metadata. The sharding type matters only to
-# the distributed optimizer: "dp_reshardable" is Megatron-LM's default (fully parallel save
-# and load, no gathers; the DP size may change, TP/PP/VPP/CP may not, see
-# _check_optimizer_resumable). megatron-core 0.16's dist-checkpointing refuses the older
-# "fully_sharded_model_space" (flattened ShardedTensors).
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
-                   "chained_optim_avoid_prefix": True}
 
 
 def _drop_repeated_write_errors(record: logging.LogRecord) -> bool:
@@ -118,101 +115,6 @@ def _model_sharded(chunks: list[torch.nn.Module], name: str) -> dict[str, Any]:
             for i, chunk in enumerate(chunks)}
 
 
-def _optimizer_sharded(optimizer: Any, model_sd: dict[str, Any], is_loading: bool,
-                       metadata: dict[str, Any] | None = None) -> Any:
-    """The optimizer's sharded state, mapped onto ``model_sd`` = ``{"model0": ..., ...}``.
-
-    The per-chunk dicts are handed over nested, as Megatron-LM's ``generate_state_dict``
-    does: megatron-core finds each parameter by identity anywhere in the structure. They
-    must not be merged into one dict: with virtual pipelining every chunk has the same
-    local keys (``decoder.layers.0...``), so a merge keeps only the last chunk's tensors
-    and the optimizer fails on the others' ("Param id N does not match any model sharded
-    param").
-    """
-    _prime_adam_state(optimizer)
-    params = inspect.signature(optimizer.sharded_state_dict).parameters
-    # ChainedOptimizer (what get_megatron_optimizer returns) takes it through **kwargs.
-    takes = "metadata" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    kwargs = {"metadata": dict(metadata or _OPTIM_METADATA)} if takes else {}
-    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
-
-
-def _prime_adam_state(optimizer: Any) -> None:
-    """Give a distributed optimizer's torch Adam the state of step 0 where it has none yet.
-
-    Without apex or Transformer Engine (the CPU, or a GPU without them) megatron-core's
-    distributed optimizer wraps ``torch.optim.Adam``, which creates its state at its first
-    step, and ``DistributedOptimizer.state_dict()`` (called by ``sharded_state_dict``)
-    asserts that every state has a ``step``: resuming (a fresh optimizer) would fail. The
-    state is what Adam's first step would create (step 0, zero moments); a load overwrites
-    it, and a save before any step records exactly that.
-    """
-    for inner in _torch_adams_of_distributed_optimizers(optimizer):
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if len(inner.state[p]) == 0:
-                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                          exp_avg_sq=torch.zeros_like(p))
-
-
-def _torch_adams_of_distributed_optimizers(optimizer: Any) -> list[torch.optim.Adam]:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(sub, DistributedOptimizer)
-            and isinstance(getattr(sub, "optimizer", None), torch.optim.Adam)]
-
-
-def _restore_adam_steps(optimizer: Any) -> None:
-    """Each parameter's torch Adam ``step`` from the checkpoint, after a distributed load.
-
-    Without apex/TE, megatron-core's ``DistributedOptimizer`` saves the Adam step count in
-    its param groups (``group["step"]``), and its ``load_state_dict`` (a) gives every
-    parameter's state one shared ``step`` tensor, which torch's Adam would then increment
-    once per parameter per step, and (b) copies over it the per-bucket ``step`` of the
-    state it was loading into (step 0 from :func:`_prime_adam_state`). Both would spoil the
-    bias correction of every resumed step: each state gets its own tensor holding its
-    group's loaded step.
-    """
-    for adam in _torch_adams_of_distributed_optimizers(optimizer):
-        for group in adam.param_groups:
-            if "step" not in group:
-                continue
-            for p in group["params"]:
-                if "step" in adam.state[p]:
-                    adam.state[p]["step"] = torch.tensor(float(group["step"]))
-
-
-def _rng_state() -> dict[str, Any]:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _rng_sharded(state: dict[str, Any] | None) -> ShardedObject:
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
-
-
 def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], optimizer: Any,
                     scheduler: Any, data_state: dict[str, Any], fingerprint: str,
                     config: dict[str, Any], data_fingerprint: str | None,
@@ -246,14 +148,14 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
     try:
         model_sd = _model_sharded(model, "model")
         state: dict[str, Any] = dict(model_sd)
-        state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=False)
+        state["optimizer"] = optimizer_sharded(optimizer, model_sd, is_loading=False)
         if reference is not None:
             state.update(_model_sharded(reference, "reference"))
         state["scheduler"] = scheduler.state_dict()
         state["data"] = data_state
         state["iteration"] = iteration
         state["skipped_in_a_row"] = skipped_in_a_row
-        state["rng_state"] = _rng_sharded(_rng_state())
+        state["rng_state"] = rng_sharded(rng_state())
         error = _write_guarded(lambda: dist_checkpointing.save(state, tmp), tmp)
         _raise_if_failed(agree(error), root, final, tmp)
         torch.distributed.barrier()
@@ -264,7 +166,7 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
             meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
                     "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
                     "layout": _layout(), "has_reference": reference is not None,
-                    "optimizer_metadata": _OPTIM_METADATA, "config": config,
+                    "optimizer_metadata": OPTIM_METADATA, "config": config,
                     "tokenizer": tokenizer, "reference_source": reference_source}
             error = _write_guarded(lambda: _commit(root, final, tmp, nonce[0], iteration, meta),
                                    tmp)
@@ -491,12 +393,12 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
 
     model_sd = _model_sharded(model, "model")
     state: dict[str, Any] = dict(model_sd)
-    state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=True,
+    state["optimizer"] = optimizer_sharded(optimizer, model_sd, is_loading=True,
                                             metadata=meta.get("optimizer_metadata"))
     if reference is not None and ref_from is None:
         state.update(_model_sharded(reference, "reference"))
     if same_layout:
-        state["rng_state"] = _rng_sharded(None)
+        state["rng_state"] = rng_sharded(None)
     loaded = _load(state, ckpt)
 
     for i, chunk in enumerate(model):
@@ -508,10 +410,10 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
             _unwrap(chunk).load_state_dict(_strip(loaded[f"reference{i}"], "reference."))
     with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters
         optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer)
+    restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     elif torch.distributed.get_rank() == 0:
         logger.warning("%s: saved at layout %s, loading at %s: RNG states not restored",
                        ckpt, meta["layout"], _layout())
