@@ -186,6 +186,7 @@ def build_run(cfg: TrainConfig) -> Run:
     from adadpo_megatron.trainer.metrics import MetricsWriter
     from adadpo_megatron.trainer.optim import build_optimizer, build_scheduler, ddp_config
 
+    ckpt.adopt_unverified(cfg.io.adopt_unverified_checkpoint)
     train_data = _open_data(cfg, cfg.io.data_path, "--data-path")
     eval_data = (_open_data(cfg, cfg.io.eval_data_path, "--eval-data-path")
                  if cfg.io.eval_data_path else None)
@@ -231,6 +232,10 @@ def build_run(cfg: TrainConfig) -> Run:
         run.reference_step = make_reference_forward_step(
             logprob_impl=cfg.training.logprob_impl)
         run.save_reference = cfg.reference.ref_load is None
+        if cfg.reference.ref_load is not None:  # recorded, so a bare --load SAVE finds it
+            from adadpo_megatron.trainer.reference_source import fingerprint_reference
+
+            run.reference_source = fingerprint_reference(cfg.reference.ref_load)
     elif cfg.reference.mode == "precomputed":
         run.precomputed = PrecomputedReference(cfg.reference.ref_logprobs,
                                                train_data.fingerprint, train_data.num_pairs)
@@ -247,6 +252,8 @@ def build_run(cfg: TrainConfig) -> Run:
             reference=run.reference if run.save_reference else None)
         run.iteration = state["iteration"]
         run.skipped_in_a_row = state["skipped_in_a_row"]
+        if state.get("reference_source"):  # the reference came from the recorded --ref-load
+            run.save_reference, run.reference_source = False, state["reference_source"]
         position.load_state_dict(state["data"])
     from adadpo_megatron.trainer.wandb_logging import WandbStartError, open_wandb
 
@@ -277,18 +284,82 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns the exit status: 0 on success, 2 for a configuration error (flag checks run
     before any process-group work; data, checkpoint and side-car checks right after the
     process group is up, before the first step), 1 when training stopped on repeated
-    non-finite steps.
+    non-finite steps or an output could not be written (a full disk), 130 on Ctrl-C
+    (SIGINT). Each error is one line per job, not per rank
+    (:mod:`adadpo_megatron.trainer.job_report`).
     """
+    import signal
+
+    _state["pid"] = os.getpid()
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if _state["lease"] is not None:
+            _state.pop("lease").release()
+            _state["lease"] = None
+
+
+_state: dict = {"save": None, "lease": None, "pid": None, "interrupted": False}
+
+
+def _take_save_lease(cfg: TrainConfig) -> None:
+    """Global rank 0 takes ``--save``'s writer lease (trainer/save_lease.py) for the job."""
+    if cfg.io.save and os.environ.get("RANK", "0") == "0":
+        from adadpo_megatron.trainer.save_lease import SaveLease
+
+        _state["lease"] = SaveLease(cfg.io.save, note=_note).acquire()
+
+
+def _on_sigint(signum, frame) -> None:
+    """First SIGINT: stop (KeyboardInterrupt); the ones that follow (torchrun forwards the
+    terminal's Ctrl-C again) are ignored so the cleanup runs to the end."""
+    import signal
+
+    if os.getpid() != _state["pid"]:
+        return  # a forked helper before its own at-fork hook ignores SIGINT: the rank decides
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _state["interrupted"] = True
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    import signal
+
+    from adadpo_megatron.trainer.job_report import mark_failed, say
+    from adadpo_megatron.trainer.write_failure import resume_hint
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mark_failed()  # a peer whose collective breaks now stays quiet
+    save = _state["save"]
+    where = resume_hint(save).replace("free space and ", "") if save else "nothing was saved"
+    say(f"adadpo-train: interrupted (SIGINT); {where}")
+    try:
+        _destroy()
+    except Exception:  # noqa: BLE001 - peers are gone too; exit anyway
+        pass
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from adadpo_megatron.io_errors import WriteFailed
     from adadpo_megatron.preflight import PathError, check_train_paths
     from adadpo_megatron.trainer.arguments import parse_config
+    from adadpo_megatron.trainer.job_report import job_failed, say_error
     from adadpo_megatron.trainer.progress import resolve_resume
+    from adadpo_megatron.trainer.write_failure import resume_hint
 
     try:
         cfg = parse_config(argv)
+        _state["save"] = cfg.io.save
         check_train_paths(cfg)  # inputs readable, outputs writable: before any step is spent
+        _take_save_lease(cfg)  # one job per --save: before reading or writing anything there
         cfg = resolve_resume(cfg, note=_note)  # --save holding a checkpoint: resume or refuse
     except (ConfigError, PathError) as e:
-        print(f"adadpo-train: error: {e}", file=sys.stderr)
+        say_error(f"adadpo-train: error: {e}")
         return 2
     if cfg.parallel.device == "cpu":
         from adadpo_megatron.step.cpu import silence_cpu_notices
@@ -296,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         silence_cpu_notices()
     # megatron-core is imported only now, so flag errors and --help come back fast.
     from adadpo_megatron.step.reference import SidecarError
-    from adadpo_megatron.trainer.checkpointing import CheckpointError
+    from adadpo_megatron.trainer.checkpointing import CheckpointError, CheckpointWriteError
     from adadpo_megatron.trainer.hygiene import install
 
     install(checkpoint_writer=bool(cfg.io.save))  # no child outlives this rank
@@ -307,17 +378,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adadpo_megatron.trainer.exits import ExitConfig, ExitPolicy
 
         run.exits = ExitPolicy(cfg.exits or ExitConfig())
+        finished = False
         try:
             train(run)
+            finished = True
         finally:
             run.exits.restore()
-            run.writer.close()
+            try:
+                run.writer.close()
+            except WriteFailed:
+                if finished:  # else the error already on its way says more
+                    raise
+    except CheckpointWriteError as e:
+        say_error(f"adadpo-train: error: {e}")
+        return 1
+    except WriteFailed as e:
+        hint = resume_hint(cfg.io.save) if cfg.io.save else "no --save: a rerun starts over"
+        say_error(f"adadpo-train: error: {e}; {hint}")
+        return 1
     except (ConfigError, CheckpointError, SidecarError) as e:
-        print(f"adadpo-train: error: {e}", file=sys.stderr)
+        say_error(f"adadpo-train: error: {e}")
         return 2
     except TrainingStopped as e:
-        print(f"adadpo-train: {e}", file=sys.stderr)
+        say_error(f"adadpo-train: {e}")
         return 1
+    except Exception:
+        if _state["interrupted"]:  # Ctrl-C stopped a peer first: this collective broke
+            raise KeyboardInterrupt from None
+        if job_failed():  # a peer failed and reported it; this rank's collective broke
+            return 1
+        raise
     finally:
         _destroy()
     return 0

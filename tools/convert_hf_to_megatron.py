@@ -27,12 +27,14 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 
 import torch
 
 from adadpo_megatron.conversion import files as io
 from adadpo_megatron.conversion import weights as hc
+from adadpo_megatron.io_errors import write_failure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,16 +111,51 @@ def _check_paths(a: argparse.Namespace) -> None:
         raise SystemExit(f"convert_hf_to_megatron: error: {e}") from None
 
 
+def _staging(output: str) -> str:
+    """A fresh directory beside ``output`` to write the conversion into."""
+    import tempfile
+
+    parent, name = os.path.split(os.path.abspath(output))
+    return tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=parent)
+
+
+def _publish(staging: str, output: str) -> None:
+    """Move the finished conversion into ``output`` (the tracker file last), replacing
+    the entries of an earlier conversion of the same names."""
+    from adadpo_megatron.trainer.progress import TRACKER
+
+    os.makedirs(output, exist_ok=True)
+    names = sorted(os.listdir(staging), key=lambda n: n == TRACKER)
+    for name in names:
+        dest = os.path.join(output, name)
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            shutil.rmtree(dest)
+        os.replace(os.path.join(staging, name), dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     a = build_parser().parse_args(argv)
     _check_paths(a)
     from adadpo_megatron.trainer.checkpointing import CheckpointError
 
+    output = a.output
+    a.output = _staging(output)  # written there, moved into --output when complete
     try:
         shape = _to_hf(a) if a.to_hf else _to_megatron(a)
+        _publish(a.output, output)
     except CheckpointError as e:  # a damaged or missing --megatron checkpoint: one line
         raise SystemExit(f"convert_hf_to_megatron: error: {e}") from None
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException included
+        failure = write_failure(e, a.output)
+        if failure is None:
+            raise
+        raise SystemExit(f"convert_hf_to_megatron: error: cannot write --output {output} "
+                         f"({failure}); nothing was moved into it and the staging directory "
+                         f"{a.output} was removed") from None
+    finally:
+        shutil.rmtree(a.output, ignore_errors=True)
+    a.output = output
     print(f"wrote {a.output}")
     print("model flags for adadpo-train:", shlex.join(shape.trainer_flags()))
     return 0

@@ -128,6 +128,7 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
     """
     from megatron.core import parallel_state as ps
 
+    from adadpo_megatron.io_errors import WriteFailed, describe_os_error
     from adadpo_megatron.step.forward_step import make_reference_forward_step
     from adadpo_megatron.step.fp8 import reference_config_kwargs
     from adadpo_megatron.step.model import build_model_chunks
@@ -138,8 +139,9 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
         _vocab_size,
         prefix_attention_for,
     )
-    from adadpo_megatron.trainer.checkpointing import load_model_weights
+    from adadpo_megatron.trainer.checkpointing import adopt_unverified, load_model_weights
     from adadpo_megatron.trainer.loop import _is_logging_rank
+    from adadpo_megatron.trainer.write_failure import agree
 
     train_ds = _open_data(cfg, cfg.io.data_path, "--data-path")
     targets = [(train_ds, output or default_sidecar_path(cfg.io.data_path))]
@@ -152,6 +154,7 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
                                      cfg, *(ds for ds, _ in targets)))
     chunks = build_model_chunks(config, _vocab_size(cfg, train_ds),
                                 cfg.model.max_position_embeddings, wrap_ddp=False)
+    adopt_unverified(cfg.io.adopt_unverified_checkpoint)
     iteration = load_model_weights(source, chunks) if source else None
     for chunk in chunks:
         chunk.eval()
@@ -165,21 +168,48 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
                     "layout": {"tp": ps.get_tensor_model_parallel_world_size(),
                                "pp": ps.get_pipeline_model_parallel_world_size(),
                                "dp": ps.get_data_parallel_world_size()}}
-            write_sidecar(path, sums, ds.fingerprint, info)
-            print(f"precompute_ref_logprobs: {ds.num_pairs} pairs, {len(ds)} packs -> "
-                  f"{path} in {time.perf_counter() - start:.1f} s", flush=True)
-        torch.distributed.barrier()
+            try:
+                write_sidecar(path, sums, ds.fingerprint, info)
+            except OSError as e:  # a full disk: every rank stops, the job says it once
+                error = f"cannot write the side-car ({describe_os_error(e, path)}); " \
+                        "nothing was written there and its temp file was removed"
+            else:
+                error = None
+                print(f"precompute_ref_logprobs: {ds.num_pairs} pairs, {len(ds)} packs -> "
+                      f"{path} in {time.perf_counter() - start:.1f} s", flush=True)
+        else:
+            error = None
+        error = agree(error)
+        if error is not None:
+            raise WriteFailed(error)
     return [path for _, path in targets]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success. Writes one side-car per dataset given."""
+    from adadpo_megatron.io_errors import WriteFailed
     from adadpo_megatron.train import _destroy, init_distributed
+    from adadpo_megatron.trainer.job_report import say_error
 
-    cfg, source, output = parse(argv)
+    try:
+        cfg, source, output = parse(argv)
+    except SystemExit as e:  # one line per job, not per rank
+        if not isinstance(e.code, str):
+            raise
+        say_error(e.code)
+        return 2
+    from adadpo_megatron.trainer.checkpointing import CheckpointError
+    from adadpo_megatron.trainer.config import ConfigError
+
     try:
         init_distributed(cfg)
         precompute(cfg, source, output)
+    except WriteFailed as e:
+        say_error(f"precompute_ref_logprobs: error: {e}")
+        return 1
+    except (ConfigError, CheckpointError) as e:
+        say_error(f"precompute_ref_logprobs: error: {e}")
+        return 2
     finally:
         _destroy()
     return 0

@@ -452,10 +452,17 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
         meta["dataset_fingerprint"] = dataset_fingerprint(meta["files"], tok.fingerprint)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out, opts.overwrite)
-    except BaseException:
+    except BaseException as exc:
         if writer is not None and not writer.rejects.closed:
-            writer.close(None)
+            try:  # a full disk fails the final flush too: the staging directory goes anyway
+                writer.close(None)
+            except OSError:
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk: one line, the old dataset kept
+            from adadpo_megatron.data.staging import write_failed_line
+
+            raise PackError(write_failed_line(exc, out, tmp)) from None
         raise
     return meta
 

@@ -98,8 +98,10 @@ class PackedWriter:
 
     def close(self, directory: Path | None) -> None:
         """Close the files; with ``directory``, finalize the .idx there."""
-        self.rejects.close()
-        if directory is None:
-            self.builder.data_file.close()
-        else:
+        try:
+            self.rejects.close()
+        finally:
+            if directory is None:
+                self.builder.data_file.close()
+        if directory is not None:
             self.builder.finalize(str(directory / f"{TOKENS_PREFIX}.idx"))

@@ -16,7 +16,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-__all__ = ["OWNER_FILE", "make_staging_dir", "clean_stale_staging"]
+__all__ = ["OWNER_FILE", "make_staging_dir", "clean_stale_staging", "write_failed_line"]
 
 OWNER_FILE = ".adadpo-pack-owner"
 """JSON ``{"host", "pid"}`` of the run building a staging directory."""
@@ -80,3 +80,13 @@ def clean_stale_staging(out: Path) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         notes.append(f"removed {path}, left by a killed run (pid {pid})")
     return notes
+
+
+def write_failed_line(exc: OSError, out: Path, tmp: Path) -> str:
+    """The one-line error of a run whose write into ``tmp`` failed (a full disk), after
+    ``tmp`` was removed."""
+    from adadpo_megatron.io_errors import describe_os_error
+
+    kept = "the dataset already there is untouched" if out.exists() else "nothing"
+    return (f"--output {out}: cannot write ({describe_os_error(exc, tmp)}); {kept} was "
+            f"published and the staging directory {tmp} was removed")

@@ -65,9 +65,14 @@ def write_sidecar(path: str, seq_logps: np.ndarray, dataset_fingerprint: str,
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise ValueError(f"seq_logps[{bad}] = {arr[bad]} is not finite: not writing {path}")
     tmp = f"{path}.tmp.npz"
-    np.savez(tmp, seq_logps=arr, dataset_fingerprint=np.array(dataset_fingerprint),
-             version=np.array(SIDECAR_VERSION), info=np.array(json.dumps(info)))
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, seq_logps=arr, dataset_fingerprint=np.array(dataset_fingerprint),
+                 version=np.array(SIDECAR_VERSION), info=np.array(json.dumps(info)))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C: no half-written temp file stays behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class PrecomputedReference:

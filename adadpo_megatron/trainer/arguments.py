@@ -194,6 +194,9 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load", default=None, help="resume from this checkpoint directory")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: take the model weights only, start at step 0")
+    g.add_argument("--adopt-unverified-checkpoint", action="store_true",
+                   help="a --load/--ref-load checkpoint written before checksum manifests: "
+                        "hash it once (with a warning) and write its manifest")
 
 
 def _add_logging_args(p: argparse.ArgumentParser) -> None:

@@ -27,25 +27,41 @@ at the same layout (with a note otherwise), as Megatron-LM does.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
-import random
 import shutil
 import uuid
 from typing import Any
 
-import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from adadpo_megatron.trainer.manifest import ManifestError, verify_manifest, write_manifest
+from adadpo_megatron.io_errors import describe_os_error
+from adadpo_megatron.trainer.checkpoint_state import (
+    OPTIM_METADATA,
+    optimizer_sharded,
+    restore_adam_steps,
+    rng_sharded,
+    rng_state,
+    set_rng_state,
+)
+from adadpo_megatron.trainer.manifest import (
+    MANIFEST,
+    ManifestError,
+    check_recorded_manifest,
+    record_checkpoint,
+    recorded,
+    verify_manifest,
+    write_manifest,
+)
 from adadpo_megatron.trainer.progress import TRACKER
+from adadpo_megatron.trainer.save_lease import lost_lease
+from adadpo_megatron.trainer.write_failure import agree, remove_quietly, resume_hint
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "latest_iteration",
     "load_checkpoint",
     "load_model_weights",
@@ -56,13 +72,16 @@ logger = logging.getLogger(__name__)
 
 META = "adadpo_meta.json"
 FORMAT_VERSION = 1
-# megatron-core's optimizer sharded_state_dict metadata. The sharding type matters only to
-# the distributed optimizer: "dp_reshardable" is Megatron-LM's default (fully parallel save
-# and load, no gathers; the DP size may change, TP/PP/VPP/CP may not, see
-# _check_optimizer_resumable). megatron-core 0.16's dist-checkpointing refuses the older
-# "fully_sharded_model_space" (flattened ShardedTensors).
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
-                   "chained_optim_avoid_prefix": True}
+
+
+def _drop_repeated_write_errors(record: logging.LogRecord) -> bool:
+    # megatron-core logs each failed writer process ("Local process 1 encountered an
+    # error: ...") and then raises; save_checkpoint reports the raise in one line.
+    return not record.getMessage().startswith("Local process")
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").addFilter(
+    _drop_repeated_write_errors)
 
 
 class CheckpointError(RuntimeError):
@@ -96,163 +115,128 @@ def _model_sharded(chunks: list[torch.nn.Module], name: str) -> dict[str, Any]:
             for i, chunk in enumerate(chunks)}
 
 
-def _optimizer_sharded(optimizer: Any, model_sd: dict[str, Any], is_loading: bool,
-                       metadata: dict[str, Any] | None = None) -> Any:
-    """The optimizer's sharded state, mapped onto ``model_sd`` = ``{"model0": ..., ...}``.
-
-    The per-chunk dicts are handed over nested, as Megatron-LM's ``generate_state_dict``
-    does: megatron-core finds each parameter by identity anywhere in the structure. They
-    must not be merged into one dict: with virtual pipelining every chunk has the same
-    local keys (``decoder.layers.0...``), so a merge keeps only the last chunk's tensors
-    and the optimizer fails on the others' ("Param id N does not match any model sharded
-    param").
-    """
-    _prime_adam_state(optimizer)
-    params = inspect.signature(optimizer.sharded_state_dict).parameters
-    # ChainedOptimizer (what get_megatron_optimizer returns) takes it through **kwargs.
-    takes = "metadata" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    kwargs = {"metadata": dict(metadata or _OPTIM_METADATA)} if takes else {}
-    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
-
-
-def _prime_adam_state(optimizer: Any) -> None:
-    """Give a distributed optimizer's torch Adam the state of step 0 where it has none yet.
-
-    Without apex or Transformer Engine (the CPU, or a GPU without them) megatron-core's
-    distributed optimizer wraps ``torch.optim.Adam``, which creates its state at its first
-    step, and ``DistributedOptimizer.state_dict()`` (called by ``sharded_state_dict``)
-    asserts that every state has a ``step``: resuming (a fresh optimizer) would fail. The
-    state is what Adam's first step would create (step 0, zero moments); a load overwrites
-    it, and a save before any step records exactly that.
-    """
-    for inner in _torch_adams_of_distributed_optimizers(optimizer):
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if len(inner.state[p]) == 0:
-                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                          exp_avg_sq=torch.zeros_like(p))
-
-
-def _torch_adams_of_distributed_optimizers(optimizer: Any) -> list[torch.optim.Adam]:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(sub, DistributedOptimizer)
-            and isinstance(getattr(sub, "optimizer", None), torch.optim.Adam)]
-
-
-def _restore_adam_steps(optimizer: Any) -> None:
-    """Each parameter's torch Adam ``step`` from the checkpoint, after a distributed load.
-
-    Without apex/TE, megatron-core's ``DistributedOptimizer`` saves the Adam step count in
-    its param groups (``group["step"]``), and its ``load_state_dict`` (a) gives every
-    parameter's state one shared ``step`` tensor, which torch's Adam would then increment
-    once per parameter per step, and (b) copies over it the per-bucket ``step`` of the
-    state it was loading into (step 0 from :func:`_prime_adam_state`). Both would spoil the
-    bias correction of every resumed step: each state gets its own tensor holding its
-    group's loaded step.
-    """
-    for adam in _torch_adams_of_distributed_optimizers(optimizer):
-        for group in adam.param_groups:
-            if "step" not in group:
-                continue
-            for p in group["params"]:
-                if "step" in adam.state[p]:
-                    adam.state[p]["step"] = torch.tensor(float(group["step"]))
-
-
-def _rng_state() -> dict[str, Any]:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _rng_sharded(state: dict[str, Any] | None) -> ShardedObject:
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
-
-
 def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], optimizer: Any,
                     scheduler: Any, data_state: dict[str, Any], fingerprint: str,
                     config: dict[str, Any], data_fingerprint: str | None,
                     skipped_in_a_row: int = 0,
                     reference: list[torch.nn.Module] | None = None,
-                    tokenizer: dict[str, Any] | None = None) -> str:
+                    tokenizer: dict[str, Any] | None = None,
+                    reference_source: dict[str, Any] | None = None) -> str:
     """Write checkpoint ``iteration`` under ``root`` atomically; returns its directory.
 
     Collective over the world. ``model``/``reference`` are this rank's chunks (DDP-wrapped
     or not), ``data_state`` the sampler's JSON-able position, ``fingerprint`` the run's
     ``TrainConfig.fingerprint()``, ``config`` its ``to_dict()``, ``tokenizer`` the training
-    data's ``{"fingerprint", "vocab_size"}`` (checked by later loads).
+    data's ``{"fingerprint", "vocab_size"}`` (checked by later loads), ``reference_source``
+    where the online reference's weights came from when they are not saved here
+    (``trainer/reference_source.py``).
     """
     rank = torch.distributed.get_rank()
     final = _iter_dir(root, iteration)
     nonce = [uuid.uuid4().hex[:8] if rank == 0 else None]
     torch.distributed.broadcast_object_list(nonce, src=0)
     tmp = f"{final}.tmp-{nonce[0]}"
+    error = None
     if rank == 0:
-        os.makedirs(tmp)
-    torch.distributed.barrier()
-
-    model_sd = _model_sharded(model, "model")
-    state: dict[str, Any] = dict(model_sd)
-    state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=False)
-    if reference is not None:
-        state.update(_model_sharded(reference, "reference"))
-    state["scheduler"] = scheduler.state_dict()
-    state["data"] = data_state
-    state["iteration"] = iteration
-    state["skipped_in_a_row"] = skipped_in_a_row
-    state["rng_state"] = _rng_sharded(_rng_state())
-    dist_checkpointing.save(state, tmp)
-    torch.distributed.barrier()
-    write_manifest(tmp)  # every file's size and sha256, before the meta file commits it
-
-    if rank == 0:
-        meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
-                "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
-                "layout": _layout(), "has_reference": reference is not None,
-                "optimizer_metadata": _OPTIM_METADATA, "config": config,
-                "tokenizer": tokenizer}
-        _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
-        aside = None
-        if os.path.exists(final):  # re-saving a step (a resumed run saving into --load)
-            aside = f"{final}.old-{nonce[0]}"
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
-        if aside is not None:
-            shutil.rmtree(aside)
+        try:
+            error = lost_lease(root)  # another job took this --save over: write nothing
+            if error is None:
+                os.makedirs(tmp)
+        except OSError as e:
+            error = describe_os_error(e, tmp)
+    _raise_if_failed(agree(error), root, final, tmp)
+    try:
+        model_sd = _model_sharded(model, "model")
+        state: dict[str, Any] = dict(model_sd)
+        state["optimizer"] = optimizer_sharded(optimizer, model_sd, is_loading=False)
+        if reference is not None:
+            state.update(_model_sharded(reference, "reference"))
+        state["scheduler"] = scheduler.state_dict()
+        state["data"] = data_state
+        state["iteration"] = iteration
+        state["skipped_in_a_row"] = skipped_in_a_row
+        state["rng_state"] = rng_sharded(rng_state())
+        error = _write_guarded(lambda: dist_checkpointing.save(state, tmp), tmp)
+        _raise_if_failed(agree(error), root, final, tmp)
+        torch.distributed.barrier()
+        # every file's size and sha256, before the meta file commits it
+        error = _write_guarded(lambda: write_manifest(tmp), tmp)
+        _raise_if_failed(agree(error), root, final, tmp)
+        if rank == 0:
+            meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
+                    "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
+                    "layout": _layout(), "has_reference": reference is not None,
+                    "optimizer_metadata": OPTIM_METADATA, "config": config,
+                    "tokenizer": tokenizer, "reference_source": reference_source}
+            error = _write_guarded(lambda: _commit(root, final, tmp, nonce[0], iteration, meta),
+                                   tmp)
+        _raise_if_failed(agree(error), root, final, tmp)
+    except BaseException:  # interrupted (Ctrl-C) or failed: no staging directory stays behind
+        if rank == 0:
+            remove_quietly(tmp)
+        raise
     torch.distributed.barrier()
     return final
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (a full or failing disk): nothing of it was committed."""
+
+
+def _write_guarded(write, tmp: str) -> str | None:
+    """Run ``write()``; the one-line description of a failure, or None."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        write()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch's is a BaseException
+        return describe_os_error(e, tmp)
+    return None
+
+
+def _raise_if_failed(error: str | None, root: str, final: str, tmp: str) -> None:
+    if error is None:
+        return
+    if torch.distributed.get_rank() == 0:
+        remove_quietly(tmp)
+    raise CheckpointWriteError(f"cannot write checkpoint {final} ({error}); the tracker and "
+                               f"earlier checkpoints are untouched and {tmp} was removed; "
+                               f"{resume_hint(root)}")
+
+
+def _commit(root: str, final: str, tmp: str, nonce: str, iteration: int,
+            meta: dict[str, Any]) -> None:
+    """Rank 0: meta file last, the directory into place, then the tracker."""
+    _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
+    aside = None
+    if os.path.exists(final):  # re-saving a step (a resumed run saving into --load)
+        aside = f"{final}.old-{nonce}"
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+        record_checkpoint(root, iteration, final, _write_atomic)  # the second record
+        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    except BaseException:
+        if os.path.isdir(final) and not os.path.exists(tmp):
+            os.replace(final, tmp)  # back to staging (removed by the caller)
+        if aside is not None:
+            os.replace(aside, final)  # the old checkpoint of this step, as it was
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def latest_iteration(root: str) -> int:
@@ -340,8 +324,37 @@ def _load(state: dict[str, Any], ckpt: str) -> dict[str, Any]:
             "incomplete, or its shapes do not fit this model") from e
 
 
+_ADOPT = {"enabled": False}
+
+
+def adopt_unverified(enabled: bool) -> None:
+    """``--adopt-unverified-checkpoint``: loads hash a checkpoint without a manifest once
+    (one warning) and write its manifest, instead of refusing it."""
+    _ADOPT["enabled"] = bool(enabled)
+
+
+def _adopt(ckpt: str) -> None:
+    """Write the manifest of a pre-manifest checkpoint (collective), with one warning."""
+    from adadpo_megatron.trainer.job_report import say
+
+    if torch.distributed.get_rank() == 0:
+        say(f"adadpo-train: warning: {ckpt} has no checksum manifest (written before "
+            "manifests); --adopt-unverified-checkpoint: hashing it once, unverified, and "
+            f"writing {MANIFEST}: later loads verify against it")
+    write_manifest(ckpt)
+    torch.distributed.barrier()
+
+
 def _verify(ckpt: str) -> None:
     """The checkpoint's files against its checksum manifest (collective); CheckpointError."""
+    if _ADOPT["enabled"] and not os.path.isfile(os.path.join(ckpt, MANIFEST)):
+        _adopt(ckpt)
+    root, name = os.path.split(ckpt.rstrip("/"))
+    want = recorded(root, int(name[5:])) if name.startswith("iter_") and name[5:].isdigit() \
+        else None
+    problem = check_recorded_manifest(ckpt, want) if want else None
+    if problem:
+        raise CheckpointError(f"damaged checkpoint: {problem}")
     try:
         verify_manifest(ckpt)
     except ManifestError as e:
@@ -372,36 +385,57 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
         raise CheckpointError(
             f"{ckpt} was trained on another dataset (fingerprint {meta['data_fingerprint']}, "
             f"--data-path has {data_fingerprint}); its data position would be meaningless")
+    ref_from = None
     if reference is not None and not meta["has_reference"]:
-        raise CheckpointError(f"{ckpt} holds no reference weights: give --ref-load")
+        ref_from = _recorded_reference(ckpt, meta)
     same_layout = meta["layout"] == _layout()
     _check_optimizer_resumable(ckpt, meta, config)
 
     model_sd = _model_sharded(model, "model")
     state: dict[str, Any] = dict(model_sd)
-    state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=True,
+    state["optimizer"] = optimizer_sharded(optimizer, model_sd, is_loading=True,
                                             metadata=meta.get("optimizer_metadata"))
-    if reference is not None:
+    if reference is not None and ref_from is None:
         state.update(_model_sharded(reference, "reference"))
     if same_layout:
-        state["rng_state"] = _rng_sharded(None)
+        state["rng_state"] = rng_sharded(None)
     loaded = _load(state, ckpt)
 
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
-    for i, chunk in enumerate(reference or []):
-        _unwrap(chunk).load_state_dict(_strip(loaded[f"reference{i}"], "reference."))
+    if ref_from is not None:  # the recorded --ref-load checkpoint, verified unchanged
+        load_model_weights(ref_from["source"], reference)
+    else:
+        for i, chunk in enumerate(reference or []):
+            _unwrap(chunk).load_state_dict(_strip(loaded[f"reference{i}"], "reference."))
     with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters
         optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer)
+    restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     elif torch.distributed.get_rank() == 0:
         logger.warning("%s: saved at layout %s, loading at %s: RNG states not restored",
                        ckpt, meta["layout"], _layout())
     return {"iteration": int(loaded["iteration"]), "data": loaded["data"],
-            "skipped_in_a_row": int(loaded.get("skipped_in_a_row", 0))}
+            "skipped_in_a_row": int(loaded.get("skipped_in_a_row", 0)),
+            "reference_source": ref_from}
+
+
+def _recorded_reference(ckpt: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The reference checkpoint ``meta`` records, checked unchanged; CheckpointError."""
+    from adadpo_megatron.trainer.reference_source import reference_problem
+
+    record = meta.get("reference_source")
+    if not record:
+        raise CheckpointError(f"{ckpt} holds no reference weights and records no reference "
+                              "source: give --ref-load")
+    problem = reference_problem(record)
+    if problem:
+        raise CheckpointError(f"{ckpt}: its online reference came from {record['source']} "
+                              f"(iteration {record.get('iteration')}), but {problem}; give "
+                              "--ref-load with the original reference weights")
+    return record
 
 
 def _is_torch_dist(ckpt: str) -> bool:
@@ -425,7 +459,9 @@ def load_model_weights(root: str, chunks: list[torch.nn.Module], *,
     """
     iteration = latest_iteration(root)
     ckpt = _iter_dir(root, iteration)
-    if os.path.isfile(os.path.join(ckpt, META)) or not _is_torch_dist(ckpt):
+    ours = (os.path.isfile(os.path.join(ckpt, META)) or recorded(root, iteration)
+            or os.path.isfile(os.path.join(ckpt, MANIFEST)))  # deleting one file is not enough
+    if ours or not _is_torch_dist(ckpt):
         _read_meta(ckpt)  # ours: checked; neither ours nor torch_dist: refused with why
         _verify(ckpt)  # ours carry a checksum manifest
     # else a torch_dist checkpoint another program wrote (Megatron-LM's pretrain(), e.g. an

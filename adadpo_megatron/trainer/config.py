@@ -178,6 +178,8 @@ class IOArgs:
     """--eval-iters: eval steps (global batches) per evaluation; None = the whole split."""
     verify_data: bool = False
     """--verify-data: re-hash the data files against meta.json at start."""
+    adopt_unverified_checkpoint: bool = False
+    """--adopt-unverified-checkpoint: write the manifest of a pre-manifest checkpoint."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -414,7 +416,8 @@ def _io_args(a: argparse.Namespace) -> IOArgs:
         save_interval=a.save_interval, load=a.load, finetune=a.finetune,
         log_interval=a.log_interval, log_dir=a.log_dir, tensorboard_dir=a.tensorboard_dir,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters,
-        verify_data=bool(getattr(a, "verify_data", False)))
+        verify_data=bool(getattr(a, "verify_data", False)),
+        adopt_unverified_checkpoint=bool(getattr(a, "adopt_unverified_checkpoint", False)))
 
 
 def loss_config_from_args(a: argparse.Namespace) -> Any:

@@ -54,6 +54,9 @@ def _before_fork() -> None:
 def _after_fork_in_child() -> None:
     if _fork_from_main:
         die_with_parent()
+        # Ctrl-C reaches the whole process group: the rank handles it (it stops the job in
+        # one line); a forked helper (a checkpoint writer) must not print a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _patch_results_queue() -> None:

@@ -9,7 +9,8 @@ Run by ``build_run`` right after the datasets are opened, before the model is bu
   have been trained with that tokenizer (recorded in its ``adadpo_meta.json`` since this
   check exists; a checkpoint without the record, e.g. a converted HF model, is checked
   by the vocabulary size alone where it records one);
-* with ``--verify-data``, every data file is re-hashed against its ``meta.json``.
+* with ``--verify-data``, every data file is re-hashed against its ``meta.json``, once per
+  node (by its LOCAL_RANK 0).
 
 A reference side-car is bound to its dataset's fingerprint (which includes the
 tokenizer's) by :class:`adadpo_megatron.step.reference.PrecomputedReference`.
@@ -76,9 +77,25 @@ def check_identity(cfg: TrainConfig, train_data: Any, eval_data: Any | None) -> 
                 f"(sha256 {want['fingerprint'][:16]}..., vocab {want['vocab_size']}): its "
                 "token ids mean other words")
     if cfg.io.verify_data:
+        _verify_data_once_per_node(train_data, eval_data)
+
+
+def _verify_data_once_per_node(train_data: Any, eval_data: Any) -> None:
+    """``--verify-data``: the first rank of each node (LOCAL_RANK 0) re-hashes the files,
+    the others wait; every rank then raises the first error found (collective)."""
+    import os
+
+    from adadpo_megatron.trainer.write_failure import agree
+
+    error = None
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         for flag, ds in (("--data-path", train_data), ("--eval-data-path", eval_data)):
             if ds is not None:
                 try:
                     ds.verify()
                 except ValueError as e:
-                    raise ConfigError(f"{flag}: {e}") from None
+                    error = f"{flag}: {e}"
+                    break
+    error = agree(error)
+    if error is not None:
+        raise ConfigError(error)

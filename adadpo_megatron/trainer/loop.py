@@ -83,6 +83,8 @@ class Run:
     skipped_in_a_row: int = 0
     save_reference: bool = False
     """Save the reference weights in checkpoints (online reference from initial weights)."""
+    reference_source: dict[str, Any] | None = None
+    """The --ref-load checkpoint of an online reference, recorded in each checkpoint."""
     on_step: Callable[[int, dict[str, Any]], None] | None = None
     """Optional callback(step, metrics) on every rank (tests use it)."""
     exits: Any = None
@@ -270,7 +272,7 @@ def _save(run: Run) -> None:
         fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
         data_fingerprint=run.train_data.fingerprint, skipped_in_a_row=run.skipped_in_a_row,
         reference=run.reference if run.save_reference else None,
-        tokenizer=tokenizer_record(run.train_data))
+        tokenizer=tokenizer_record(run.train_data), reference_source=run.reference_source)
     run.writer.message(f"saved checkpoint {path}")
 
 

@@ -35,6 +35,7 @@ import os
 import time
 from typing import Any, TextIO
 
+from adadpo_megatron.io_errors import WriteFailed, describe_os_error
 from adadpo_megatron.trainer.eta import format_duration
 from adadpo_megatron.trainer.progress import truncate_metrics
 
@@ -94,15 +95,21 @@ class MetricsWriter:
         self.enabled = enabled
         self._print = print_fn
         self._jsonl: TextIO | None = None
+        self._path: str | None = None
         self._tb = None
         self._wandb = wandb if enabled else None
         if not enabled:
             return
         if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
             path = os.path.join(log_dir, "metrics.jsonl")
-            truncate_metrics(path, start_step, note=self._print)
-            self._jsonl = open(path, "a", encoding="utf-8")
+            self._path = path
+            try:
+                os.makedirs(log_dir, exist_ok=True)
+                truncate_metrics(path, start_step, note=self._print)
+                self._jsonl = open(path, "a", encoding="utf-8")
+            except OSError as e:
+                raise WriteFailed(f"cannot write the metrics log ({describe_os_error(e, path)})"
+                                  ) from None
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -119,8 +126,13 @@ class MetricsWriter:
         self._print(format_log_line(step, train_iters, metrics), flush=True)
         if self._jsonl is not None:
             record = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            try:
+                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.flush()
+            except OSError as e:  # a full disk: one line, the partial record dropped on resume
+                self._abandon()
+                raise WriteFailed(f"cannot write the metrics log of step {step} "
+                                  f"({describe_os_error(e, self._path)})") from None
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
@@ -133,11 +145,24 @@ class MetricsWriter:
         if self.enabled:
             self._print(text, flush=True)
 
+    def _abandon(self) -> None:
+        """Close the log after a failed write without flushing again (which would fail)."""
+        jsonl, self._jsonl = self._jsonl, None
+        if jsonl is not None:
+            try:
+                jsonl.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
-        """Flush and close the files."""
+        """Flush and close the files (WriteFailed when the last flush fails)."""
         if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+            jsonl, self._jsonl = self._jsonl, None
+            try:
+                jsonl.close()
+            except OSError as e:
+                raise WriteFailed(f"cannot write the metrics log "
+                                  f"({describe_os_error(e, self._path)})") from None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

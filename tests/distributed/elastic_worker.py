@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
@@ -56,6 +57,9 @@ def run_job(argv: list[str], work: str, tag: str, kill: bool) -> int:
                 json.dump(pids, f)
             if rank == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
+            # Two nodes: rank 0 stays out of collectives while its agent notices the other
+            # node rejoining, so it restarts without counting a failure of its own.
+            time.sleep(float(os.environ.get("ELASTIC_RANK0_PAUSE", "0")))
 
     run.on_step = on_step
     try:
@@ -74,14 +78,18 @@ def main() -> None:
     from adadpo_megatron.step.cpu import init_distributed_cpu
 
     init_distributed_cpu()
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # The attempt every node agrees on (step/elastic_store.py), from 0; each node's own
+    # restart count is recorded too (on two nodes they differ: see test_elastic_multinode).
+    attempt = int(os.environ["ADADPO_ELASTIC_ATTEMPT"]) - 1
+    counts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(counts, os.environ.get("TORCHELASTIC_RESTART_COUNT"))
     start = run_job(flags(data, os.path.join(work, "ckpt"), os.path.join(work, "logs")),
                     work, "elastic", kill=attempt == 0)
     run_job(flags(data, os.path.join(work, "ckpt_ref"), os.path.join(work, "logs_ref")),
             work, "ref", kill=False)
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(work, "results.json"), "w") as f:
-            json.dump({"attempt": attempt, "elastic_start": start}, f)
+            json.dump({"attempt": attempt, "elastic_start": start, "restart_counts": counts}, f)
     from adadpo_megatron.train import _destroy
 
     _destroy()
