@@ -393,8 +393,14 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
 
     model_sd = _model_sharded(model, "model")
     state: dict[str, Any] = dict(model_sd)
+    metadata = meta.get("optimizer_metadata")
+    if (metadata or {}).get("distrib_optim_sharding_type") == "fully_sharded_model_space":
+        # Written by versions that never handed it to megatron-core's ChainedOptimizer
+        # (no distributed optimizer could save then): they saved as with no metadata,
+        # which keys the state as the current default does.
+        metadata = None
     state["optimizer"] = optimizer_sharded(optimizer, model_sd, is_loading=True,
-                                            metadata=meta.get("optimizer_metadata"))
+                                           metadata=metadata)
     if reference is not None and ref_from is None:
         state.update(_model_sharded(reference, "reference"))
     if same_layout:

@@ -318,6 +318,10 @@ def _parallel_args(a: argparse.Namespace, world_size: int) -> ParallelArgs:
     _require(not a.sequence_parallel or tp > 1,
              "--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards "
              "activations over the TP group); drop the flag or raise TP")
+    seg = (2 * cp if cp > 1 else 1) * (tp if a.sequence_parallel else 1)
+    _require(pp == 1 or a.seq_length % seg == 0,
+             f"--seq-length {a.seq_length} is not a multiple of {seg}: pipeline stages pad "
+             f"every pack to it, and context/sequence parallelism split it in {seg} parts")
     device = _resolve_device(a.device)
     return ParallelArgs(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

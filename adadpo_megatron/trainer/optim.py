@@ -2,7 +2,7 @@
 
 megatron-core does the heavy lifting: ``DistributedDataParallel`` (grad buffers, the DP
 all-reduce or reduce-scatter), ``get_megatron_optimizer`` (Adam, mixed precision, the
-distributed optimizer on GPU) and ``OptimizerParamScheduler`` (warm-up, cosine decay).
+distributed optimizer, on the CPU too) and ``OptimizerParamScheduler`` (warm-up, cosine decay).
 
 The optimizer step is split into megatron-core's own two halves, ``prepare_grads`` and
 ``step_with_ready_grads``, with our check in between: the global grad norm is computed

@@ -18,6 +18,11 @@ prefix-sharing core attention (mask implementation), so per-pair log-probs, the 
 every gradient equal the unshared single-process run's; the online reference pass (step 0)
 uses the shared layout too.
 
+Sequence parallelism ("sp": TP=2, with PP=2, virtual PP and DP=2) runs through the local
+spec's SP-aware norms (adadpo_megatron/step/norms.py), segments padded to 2*TP; activation
+recompute ("recompute") through megatron-core's checkpoint() with the CPU layer's RNG
+stand-in (step/cpu.py), each case checking that checkpoint() actually ran.
+
 Context parallelism: megatron-core's local attention refuses CP > 1 (CP attention needs
 Transformer Engine on a GPU), so the CP cases use an attention-free stand-in with
 GPTModel's interface ("tokenwise": per-token logits from the token and its position).

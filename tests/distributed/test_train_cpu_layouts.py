@@ -1,6 +1,6 @@
 """The trainer with the 70B recipe's parallel and memory flags on 2 CPU processes (gloo):
 --use-distributed-optimizer (DP=2, save and exact resume, refusals), --sequence-parallel
-and --recompute-granularity selective / full (uniform, block) on both pack layouts.
+and --recompute-granularity selective (both pack layouts) / full (uniform, block).
 
 One torchrun launch (tests/distributed/train_layouts_worker.py) on the 36-pair dataset of
 test_train.py (separate and prefix-shared packs); the tests below check its results.json.
@@ -62,8 +62,9 @@ def test_distributed_optimizer_checkpoint_refusals_name_the_way_out(results):
     assert "TP=1" in other and "TP=2" in other and "reshards over data parallelism" in other
 
 
-@pytest.mark.parametrize("layout", ["separate", "shared"])
-@pytest.mark.parametrize("variant", ["sp_selective", "sp_uniform", "sp_block"])
+@pytest.mark.parametrize(("layout", "variant"), [
+    ("separate", "sp_selective"), ("separate", "sp_block"),
+    ("shared", "sp_selective"), ("shared", "sp_uniform")])
 def test_sequence_parallel_and_recompute_equal_plain_tp2(results, layout, variant):
     plain = results[f"tp2_{layout}_plain"]
     assert len(plain) == 3

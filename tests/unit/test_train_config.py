@@ -62,6 +62,8 @@ def test_defaults_validate_and_derive():
     (["--global-batch-size", "3"], 2, "--global-batch-size 3 is not divisible"),
     (["--tensor-model-parallel-size", "2"], 3, "world size 3"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "129",
+      "--pipeline-model-parallel-size", "2"], 4, "--seq-length 129 is not a multiple of 2"),
     (["--fp8-format", "hybrid", "--device", "cpu"], 1, "--fp8-format"),
     (["--bf16", "--device", "cpu"], 1, "--bf16 does not run on the CPU"),
     (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr"),
