@@ -23,6 +23,7 @@ so an interrupted run never leaves a ``DIR`` that looks complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from adadpo_megatron.data.packed_format import (
     INDEX_FILE,
     META_FILE,
     dataset_fingerprint,
+    summary_line,
 )
 from adadpo_megatron.data.packed_writer import PackedWriter
 from adadpo_megatron.data.prefix_layout import (
@@ -54,7 +56,12 @@ from adadpo_megatron.data.prefix_layout import (
 )
 from adadpo_megatron.data.readers import InputReader, open_input
 from adadpo_megatron.data.records import PreferenceRecord, RecordRejected, printable
-from adadpo_megatron.data.staging import OWNER_FILE, clean_stale_staging, make_staging_dir
+from adadpo_megatron.data.staging import (
+    OWNER_FILE,
+    clean_stale_staging,
+    make_staging_dir,
+    write_failed_line,
+)
 from adadpo_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 from adadpo_megatron.packing import ALGORITHMS, footprints, pack_pairs
 from adadpo_megatron.preflight import PathError, readable_file, writable_dir
@@ -454,29 +461,14 @@ def pack_jsonl(opts: PackOptions) -> dict[str, Any]:
         _publish(tmp, out, opts.overwrite)
     except BaseException as exc:
         if writer is not None and not writer.rejects.closed:
-            try:  # a full disk fails the final flush too: the staging directory goes anyway
+            # A full disk fails the final flush too: the staging directory goes anyway.
+            with contextlib.suppress(OSError):
                 writer.close(None)
-            except OSError:
-                pass
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):  # a full disk: one line, the old dataset kept
-            from adadpo_megatron.data.staging import write_failed_line
-
             raise PackError(write_failed_line(exc, out, tmp)) from None
         raise
     return meta
-
-
-def summary_line(meta: dict[str, Any], output: Path, seconds: float) -> str:
-    """The one-line summary printed at the end of a run."""
-    reasons = ", ".join(f"{k} {v}" for k, v in meta["rejects_by_reason"].items())
-    return (
-        f"adadpo-pack: {meta['lines_read']} lines read = {meta['pairs_packed']} pairs packed + "
-        f"{meta['lines_rejected']} rejected{f' ({reasons})' if reasons else ''}; "
-        f"{meta['num_packs']} packs of {meta['capacity']} tokens "
-        f"(lower bound {meta['packs_lower_bound']}), efficiency {meta['efficiency']:.1%}, "
-        f"{meta['real_tokens']} tokens -> {output} in {seconds:.1f} s"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

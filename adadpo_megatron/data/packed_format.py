@@ -22,9 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 __all__ = [
+    "summary_line",
     "DATA_FILES",
     "FORMAT_VERSION",
     "INDEX_ARRAYS",
@@ -83,3 +86,15 @@ def indexed_dataset_module() -> ModuleType:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
+
+
+def summary_line(meta: dict[str, Any], output: Path, seconds: float) -> str:
+    """The one-line summary ``adadpo-pack`` prints at the end of a run, from its ``meta.json``."""
+    reasons = ", ".join(f"{k} {v}" for k, v in meta["rejects_by_reason"].items())
+    return (
+        f"adadpo-pack: {meta['lines_read']} lines read = {meta['pairs_packed']} pairs packed + "
+        f"{meta['lines_rejected']} rejected{f' ({reasons})' if reasons else ''}; "
+        f"{meta['num_packs']} packs of {meta['capacity']} tokens "
+        f"(lower bound {meta['packs_lower_bound']}), efficiency {meta['efficiency']:.1%}, "
+        f"{meta['real_tokens']} tokens -> {output} in {seconds:.1f} s"
+    )

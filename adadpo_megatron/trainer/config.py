@@ -463,7 +463,7 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
     ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 when unset). Touches no process
     group, so every error surfaces before any distributed set-up.
     """
-    from adadpo_megatron.step.fp8 import FP8Settings, require_transformer_engine
+    from adadpo_megatron.trainer.config_groups import group_settings
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -472,32 +472,9 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
     training = _training_args(a, parallel)
     loss = loss_config_from_args(a)
     try:
-        fp8 = FP8Settings.from_args(a)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if fp8.enabled:
-        _require(parallel.device == "cuda", "--fp8-format needs a CUDA GPU with Transformer "
-                 "Engine; this run is on the CPU: drop --fp8-format")
-        try:
-            require_transformer_engine(fp8)
-        except RuntimeError as e:
-            raise ConfigError(str(e)) from e
-        _require(a.bf16, "--fp8-format needs --bf16 (FP8 GEMMs run inside a bf16 model)")
-    from adadpo_megatron.trainer.exits import exit_config_from_args
-    from adadpo_megatron.trainer.wandb_logging import wandb_config_from_args
-
-    try:
-        exits = exit_config_from_args(a)
-        wandb = wandb_config_from_args(a)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    from adadpo_megatron.trainer.moe_config import arch_from_args
-
-    try:
-        arch = arch_from_args(a, parallel, model)
-    except ValueError as e:
+        groups = group_settings(a, parallel, model)
+    except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from e
     return TrainConfig(model=model, parallel=parallel, training=training,
                        optim=_optim_args(a), io=_io_args(a), loss=loss,
-                       reference=_reference_args(a, loss), fp8=fp8, exits=exits, arch=arch,
-                       wandb=wandb)
+                       reference=_reference_args(a, loss), **groups)
