@@ -5,7 +5,7 @@
         same list the run uses, so the two cannot disagree), saved by ``transformers``.
     python examples/llama3_70b/rehearsal.py compare --reference RUN_A --resumed RUN_B
         RUN_B (stopped by SIGTERM, then relaunched) must log RUN_A's losses and grad norms
-        step for step (relative 1e-5) and end with RUN_A's weights.
+        step for step (relative 1e-5) and end with RUN_A's weights, bitwise.
 
 Each prints one JSON line and exits 1 when its check fails.
 """
@@ -67,7 +67,9 @@ def _weights(ckpt: Path) -> dict:
 
     out = ckpt.parent / f"{ckpt.name}.consolidated.pt"
     dcp_to_torch_save(str(ckpt), str(out))
-    sd = torch.load(out, weights_only=True)
+    # Our own file, consolidated a moment ago from this rehearsal's checkpoint (trusted): it
+    # holds numpy RNG states besides the tensors, which weights_only refuses.
+    sd = torch.load(out, weights_only=False)
     out.unlink()
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)
             and not k.startswith(("optimizer", "rng_state")) and "_extra_state" not in k}
@@ -100,7 +102,9 @@ def compare(reference: str, resumed: str) -> dict:
         diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
         report["max_weight_abs_diff"] = diff
         report["weight_tensors"] = len(wa)
-        if diff > 1e-6:
+        # Bitwise: the recipe's lr (5e-7) moves weights by less than any useful tolerance,
+        # and the same layout repeats the same arithmetic (gloo reductions are deterministic).
+        if diff != 0.0:
             report["mismatches"].append(f"final weights differ by {diff:.3g}")
     return report
 
