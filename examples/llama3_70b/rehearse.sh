@@ -105,9 +105,10 @@ ADADPO_70B_TRAIN_ITERS=2 launch "${W}/data_shared" "${W}/shared" > "${W}/shared.
   || { tail -n 40 "${W}/shared.log"; exit 1; }
 grep -c '"loss"' "${W}/shared/logs/metrics.jsonl"
 
-stage "8. export to Hugging Face; transformers' logits vs megatron-core's"
+stage "8. export to Hugging Face (fp32, as trained); transformers' logits vs megatron-core's"
 python tools/convert_hf_to_megatron.py --to-hf --megatron "${W}/uninterrupted" \
-  --format torch_dist --hf-config "${W}/hf/config.json" --output "${W}/hf_out" | tail -n 1
+  --format torch_dist --hf-config "${W}/hf/config.json" --output "${W}/hf_out" --dtype fp32 \
+  | tail -n 1
 tokens=$(python -c 'import random; r=random.Random(0); print(",".join(str(r.randrange(1024)) for _ in range(64)))')
 python examples/smollm2/roundtrip.py --megatron "${W}/uninterrupted" --hf "${W}/hf_out" \
   --tokens "${tokens}" | tee "${W}/roundtrip.json"
