@@ -101,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     a = build_parser().parse_args(argv)
     _check_paths(a)
+    from adadpo_megatron.conversion.safe_load import UnsafeCheckpointError
     from adadpo_megatron.trainer.checkpointing import CheckpointError
 
     try:
         shape = _to_hf(a) if a.to_hf else _to_megatron(a)
-    except CheckpointError as e:  # a damaged or missing --megatron checkpoint: one line
+    except (CheckpointError, UnsafeCheckpointError) as e:  # damaged, missing or unsafe
         raise SystemExit(f"convert_hf_to_megatron: error: {e}") from None
     print(f"wrote {a.output}")
     print("model flags for adadpo-train:", shlex.join(shape.trainer_flags()))
