@@ -100,9 +100,8 @@ def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool,
 def prefix_attention_for(cfg: TrainConfig, *datasets) -> str | None:
     """The prefix-sharing attention the model needs: None unless a dataset is prefix-shared.
 
-    ``mask`` on the CPU, ``te`` (TE THD) when Transformer Engine is usable, ``flex``
-    (FlexAttention) on a GPU without it, unless --prefix-attention names one. See
-    ``adadpo_megatron/step/attention.py``.
+    ``mask`` on the CPU, ``flex`` (FlexAttention) on a GPU, unless --prefix-attention names
+    one (``te`` only then). See ``adadpo_megatron/step/attention.py``.
     """
     if not any(ds is not None and ds.prefix_shared for ds in datasets):
         return None
@@ -190,6 +189,7 @@ def build_run(cfg: TrainConfig) -> Run:
     config = _transformer_config(cfg, transformer_config_kwargs(cfg.fp8), reference=False,
                                  prefix_attention=attention)
     model = build_model_chunks(config, vocab, max_pos, wrap_ddp=True, ddp_config=ddp_config(cfg))
+    _self_check(model, cfg, attention)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     try:
@@ -241,6 +241,21 @@ def build_run(cfg: TrainConfig) -> Run:
     run.writer = MetricsWriter(enabled=_is_logging_rank(), log_dir=cfg.io.log_dir,
                                tensorboard_dir=cfg.io.tensorboard_dir, start_step=run.iteration)
     return run
+
+
+def _self_check(model, cfg: TrainConfig, attention: str | None) -> None:
+    """The attention and log-prob paths against plain references (step/self_check.py)."""
+    from adadpo_megatron.step.model import transformer_engine_usable
+    from adadpo_megatron.step.self_check import SelfCheckError, check_paths
+
+    hint = ("--prefix-attention mask (or flex)" if attention is not None else
+            "no adadpo-train flag: run without Transformer Engine (local attention) and "
+            "report this")
+    try:
+        check_paths(model, use_thd=transformer_engine_usable(),
+                    logprob_impl=cfg.training.logprob_impl, flag_hint=hint)
+    except SelfCheckError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _write_config(cfg: TrainConfig) -> None:

@@ -129,15 +129,55 @@ def test_flex_forward_matches_mask_on_cpu():
     t = int(b["cu_seqlens"][-1])
     flex = build_shared_layout(b["cu_seqlens"], b["shared_prefix_len"], "cpu", "flex")
     mask = build_shared_layout(b["cu_seqlens"], b["shared_prefix_len"], "cpu", "mask")
+    assert flex.flex_len == 128 and t < 128  # padded to a power of two >= 128
     from torch.nn.attention.flex_attention import flex_attention
 
     q = torch.randn(1, 4, t, 16)
     k, v = torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
-    got = flex_attention(q, k, v, block_mask=flex.block_mask, scale=0.25, enable_gqa=True)
+    pad = [torch.nn.functional.pad(x, (0, 0, 0, flex.flex_len - t)) for x in (q, k, v)]
+    got = flex_attention(*pad, block_mask=flex.block_mask, scale=0.25, enable_gqa=True)
     want = F.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
         attn_mask=~mask.dense_mask, scale=0.25)
-    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got[:, :, :t], want, atol=1e-5)
+
+
+def test_flex_length_buckets():
+    from adadpo_megatron.step.attention import flex_length
+
+    assert [flex_length(n) for n in (1, 127, 128, 129, 300, 4096, 4097)] == [
+        128, 128, 128, 256, 512, 4096, 8192]
+    # A run sees at most log2(seq_length / 128) + 1 lengths: 7 up to 8192 tokens.
+    assert len({flex_length(n) for n in range(1, 8193)}) == 7
+
+
+@pytest.mark.parametrize("layer_number", [1, 3])
+def test_attention_paths_agree_under_query_key_layer_scaling(megatron_cpu, layer_number):
+    """apply_query_key_layer_scaling leaves the effective softmax scale at 1/sqrt(d): the
+    mask path (megatron-core's DotProductAttention), Flex and a plain reference agree at any
+    layer (Flex used to divide its scale by the layer number)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from adadpo_megatron.step.attention import core_attention_class
+    from adadpo_megatron.step.model import build_transformer_config
+
+    config = build_transformer_config(**MODEL, apply_query_key_layer_scaling=True)
+    b = shared_batch(_pack_spec(5, seed=12))
+    t, cu, s = int(b["cu_seqlens"][-1]), b["cu_seqlens"], b["shared_prefix_len"]
+    g = torch.Generator().manual_seed(2)
+    q = 3 * torch.randn(t, 1, 4, 8, generator=g)  # peaked scores: a scale error shows
+    k, v = 3 * torch.randn(t, 1, 2, 8, generator=g), torch.randn(t, 1, 2, 8, generator=g)
+    dense = build_shared_layout(cu, s, "cpu", "mask").dense_mask
+    want = F.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), k.repeat_interleave(2, 2).permute(1, 2, 0, 3),
+        v.repeat_interleave(2, 2).permute(1, 2, 0, 3), attn_mask=~dense,
+        scale=1 / math.sqrt(8)).permute(2, 0, 1, 3).reshape(t, 1, -1)
+    for impl in ("mask", "flex"):
+        attn = core_attention_class(impl)(config, layer_number, AttnMaskType.causal, "self")
+        mask = dense if impl == "mask" else build_shared_layout(cu, s, "cpu", impl)
+        with torch.no_grad():
+            got = attn(q, k, v, mask)
+        assert torch.allclose(got, want, atol=1e-5), (impl, (got - want).abs().max())
 
 
 # ----------------------------------------------------------------- the whole model
