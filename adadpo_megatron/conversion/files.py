@@ -234,9 +234,14 @@ def read_megatron_dist(root: str, shape: LlamaShape) -> StateDict:
     """
     from megatron.core import dist_checkpointing, parallel_state
 
+    from adadpo_megatron.conversion.safe_load import UnsafeCheckpointError, check_dist_checkpoint
     from adadpo_megatron.trainer import checkpointing as ckpt
 
     latest = ckpt._iter_dir(root, ckpt.latest_iteration(root))
+    try:  # load_tensors_metadata unpickles .metadata: check it first
+        check_dist_checkpoint(latest)
+    except UnsafeCheckpointError as e:
+        raise ckpt.CheckpointError(str(e)) from None
     metadata = dist_checkpointing.load_tensors_metadata(latest)
     padded_vocab = metadata["embedding.word_embeddings.weight"].global_shape[0]
     model = _build_tp1_model(shape, padded_vocab, torch.float32)

@@ -152,3 +152,75 @@ def test_fallback_allow_list_names_megatron_cores_list(monkeypatch) -> None:
 
     monkeypatch.setitem(sys.modules, "megatron.core.safe_globals", None)
     assert {id(x) for x in allowed_globals()} == {id(x) for x in SAFE_GLOBALS}
+
+
+def _dist_checkpoint(tmp_path, tool) -> tuple[pathlib.Path, pathlib.Path]:
+    """A converter-written torch_dist checkpoint, made foreign (no adadpo meta/manifest, as
+    Megatron-LM writes them), so nothing but the pickle check stands before DCP."""
+    shape = _shape()
+    files.write_hf(_random_hf(shape), shape, str(tmp_path / "hf"), dtype=torch.float32)
+    assert tool.main(["--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "mc"),
+                      "--format", "torch_dist", "--dtype", "fp32"]) == 0
+    ckpt = tmp_path / "mc" / "iter_0000000"
+    for name in ("adadpo_meta.json", "adadpo_manifest.json"):
+        (ckpt / name).unlink()
+    return ckpt, tmp_path / "hf"
+
+
+def _to_hf_dist(tool, ckpt: pathlib.Path, hf_dir: pathlib.Path, out: pathlib.Path) -> None:
+    tool.main(["--to-hf", "--megatron", str(ckpt.parent), "--hf-config",
+               str(hf_dir / "config.json"), "--output", str(out), "--format", "torch_dist",
+               "--dtype", "fp32"])
+
+
+def test_torch_dist_metadata_with_a_payload_is_refused(tmp_path) -> None:
+    import pickle
+
+    pytest.importorskip("safetensors")
+    tool = _tool()
+    ckpt, hf_dir = _dist_checkpoint(tmp_path, tool)
+    _to_hf_dist(tool, ckpt, hf_dir, tmp_path / "ok")  # the clean checkpoint converts
+    meta_file, marker = ckpt / ".metadata", tmp_path / "PWNED"
+    meta = pickle.loads(meta_file.read_bytes())  # our own file: trusted here
+    meta.planner_data = _Payload(str(marker))
+    meta_file.write_bytes(pickle.dumps(meta))
+    with pytest.raises(SystemExit) as info:
+        _to_hf_dist(tool, ckpt, hf_dir, tmp_path / "back")
+    message = str(info.value)
+    assert "\n" not in message and str(meta_file) in message and "posix.mkdir" in message
+    assert not marker.exists()
+    pickle.loads(meta_file.read_bytes())  # DCP's own pickle.load runs it
+    assert marker.is_dir()
+
+
+def test_torch_dist_object_with_a_payload_is_refused(tmp_path) -> None:
+    """A non-tensor object (DCP reads those with torch.load(weights_only=False))."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from adadpo_megatron.conversion.safe_load import check_dist_checkpoint
+    from adadpo_megatron.trainer.checkpointing import CheckpointError, _load
+
+    pytest.importorskip("safetensors")
+    ckpt, _ = _dist_checkpoint(tmp_path, _tool())
+    check_dist_checkpoint(str(ckpt))
+    meta = pickle.loads((ckpt / ".metadata").read_bytes())
+    name = next(k for k, v in meta.state_dict_metadata.items()
+                if isinstance(v, BytesStorageMetadata))
+    index = next(i for i in meta.storage_data if i.fqn == name)
+    info = meta.storage_data[index]
+    buf = io.BytesIO()
+    torch.save(_Payload(str(tmp_path / "PWNED")), buf)
+    shard = ckpt / info.relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(buf.getvalue())
+    meta.storage_data[index] = type(info)(info.relative_path, offset, len(buf.getvalue()))
+    (ckpt / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(UnsafeCheckpointError, match=f"object {name}: refused to unpickle "
+                                                    "posix.mkdir"):
+        check_dist_checkpoint(str(ckpt))
+    with pytest.raises(CheckpointError, match="posix.mkdir"):  # the trainer's loader
+        _load({}, str(ckpt))
+    assert not (tmp_path / "PWNED").exists()
