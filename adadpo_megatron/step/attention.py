@@ -238,6 +238,13 @@ class _SharedAttentionBase(torch.nn.Module):
         return _check_layout(attention_mask, self.impl, type(self).__name__)
 
 
+@functools.lru_cache(maxsize=4)
+def _causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
+    """bool ``[1, 1, sq, sk]``, True above the (bottom-right aligned) diagonal."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1).view(
+        1, 1, sq, sk)
+
+
 @functools.cache
 def _mask_class() -> type:
     """``MaskSharedAttention``: megatron-core's local ``DotProductAttention`` (same parameters
@@ -273,9 +280,7 @@ def _mask_class() -> type:
             if isinstance(mask, SharedLayout):
                 mask = _check_layout(mask, "mask", type(self).__name__).dense_mask
             if mask is None:
-                sq, sk = query.shape[0], key.shape[0]
-                mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).triu(
-                    sk - sq + 1).view(1, 1, sq, sk)
+                mask = _causal_mask(query.shape[0], key.shape[0], query.device)
             return super().forward(query, key, value, mask, attn_mask_type=None,
                                    attention_bias=attention_bias,
                                    packed_seq_params=packed_seq_params, **kwargs)
