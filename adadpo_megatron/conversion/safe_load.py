@@ -29,8 +29,10 @@ the metadata is unpickled here with a restricted unpickler (DCP's own dataclasse
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +51,21 @@ _FALLBACK_NAMES = (
     "megatron.core.rerun_state_machine:RerunMode",
     "megatron.core.rerun_state_machine:RerunState", "io:BytesIO", "signal:Signals",
 )
+
+
+@contextlib.contextmanager
+def _allowing(extra: list[Any]) -> Iterator[None]:
+    """``extra`` allowed for ``weights_only`` loads within the block; the process-wide list
+    restored exactly afterwards. (``torch.serialization.safe_globals`` removes its entries on
+    exit even when they were registered before, e.g. by ``import megatron.core``, which then
+    breaks megatron-core's own loads.)"""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals(extra)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
 
 
 class UnsafeCheckpointError(ValueError):
@@ -86,7 +103,7 @@ def load_megatron_torch(path: str) -> dict[str, Any]:
     allow-list; nothing it names is ever imported or called.
     """
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with _allowing(allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
@@ -171,7 +188,7 @@ def check_dist_checkpoint(ckpt: str) -> None:
             f.seek(info.offset)
             data = f.read(info.length)
         try:
-            with torch.serialization.safe_globals(allowed):
+            with _allowing(allowed):
                 torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(

@@ -224,3 +224,15 @@ def test_torch_dist_object_with_a_payload_is_refused(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="posix.mkdir"):  # the trainer's loader
         _load({}, str(ckpt))
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_loads_leave_the_process_wide_allow_list_as_it_was(tmp_path) -> None:
+    """megatron-core registers its SAFE_GLOBALS at import and reads common.pt relying on
+    them: a check must not unregister them (torch's safe_globals context would)."""
+    import megatron.core  # noqa: F401 - registers megatron-core's allow-list
+
+    before = torch.serialization.get_safe_globals()
+    torch.save({"model": {}, "args": argparse.Namespace(a=1)}, tmp_path / "m.pt")
+    load_megatron_torch(str(tmp_path / "m.pt"))
+    assert torch.serialization.get_safe_globals() == before
+    assert argparse.Namespace in before
