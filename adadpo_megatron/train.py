@@ -104,9 +104,8 @@ def _transformer_config(cfg: TrainConfig, fp8_kwargs: dict, *, reference: bool,
 def prefix_attention_for(cfg: TrainConfig, *datasets) -> str | None:
     """The prefix-sharing attention the model needs: None unless a dataset is prefix-shared.
 
-    ``mask`` on the CPU, ``te`` (TE THD) when Transformer Engine is usable, ``flex``
-    (FlexAttention) on a GPU without it, unless --prefix-attention names one. See
-    ``adadpo_megatron/step/attention.py``.
+    ``mask`` on the CPU, ``flex`` (FlexAttention) on a GPU, unless --prefix-attention names
+    one (``te`` only then). See ``adadpo_megatron/step/attention.py``.
     """
     if not any(ds is not None and ds.prefix_shared for ds in datasets):
         return None
@@ -201,6 +200,7 @@ def build_run(cfg: TrainConfig) -> Run:
         from adadpo_megatron.trainer.moe_metrics import watch_routers
 
         watch_routers(model)
+    _self_check(model, cfg, attention)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     try:
@@ -267,6 +267,21 @@ def build_run(cfg: TrainConfig) -> Run:
                                tensorboard_dir=cfg.io.tensorboard_dir, start_step=run.iteration,
                                wandb=wandb)
     return run
+
+
+def _self_check(model, cfg: TrainConfig, attention: str | None) -> None:
+    """The attention and log-prob paths against plain references (step/self_check.py)."""
+    from adadpo_megatron.step.model import transformer_engine_usable
+    from adadpo_megatron.step.self_check import SelfCheckError, check_paths
+
+    hint = ("--prefix-attention mask (or flex)" if attention is not None else
+            "no adadpo-train flag: run without Transformer Engine (local attention) and "
+            "report this")
+    try:
+        check_paths(model, use_thd=transformer_engine_usable(),
+                    logprob_impl=cfg.training.logprob_impl, flag_hint=hint)
+    except SelfCheckError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _write_config(cfg: TrainConfig) -> None:

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     a = build_parser().parse_args(argv)
     _check_paths(a)
+    from adadpo_megatron.conversion.safe_load import UnsafeCheckpointError
     from adadpo_megatron.trainer.checkpointing import CheckpointError
 
     output = a.output
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shape = _to_hf(a) if a.to_hf else _to_megatron(a)
         _publish(a.output, output)
-    except CheckpointError as e:  # a damaged or missing --megatron checkpoint: one line
+    except (CheckpointError, UnsafeCheckpointError) as e:  # damaged, missing or unsafe
         raise SystemExit(f"convert_hf_to_megatron: error: {e}") from None
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException included
         failure = write_failure(e, a.output)

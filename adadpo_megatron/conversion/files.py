@@ -145,15 +145,38 @@ def write_megatron_torch(shards: Shards, shape: LlamaShape, out: str,
         f.write("release\n")
 
 
+def _torch_iteration_dir(root: str) -> str:
+    """``root/release`` or ``root/iter_NNNNNNN`` as the tracker says (Megatron-LM's layout)."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return os.path.join(root, "release")
+    with open(tracker, encoding="utf-8") as f:
+        text = f.read().strip()
+    if text == "release":
+        return os.path.join(root, "release")
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: holds {text[:40]!r}, not 'release' or an iteration")
+    return os.path.join(root, f"iter_{int(text):07d}")
+
+
 def read_megatron_torch(root: str) -> Shards:
-    """Read every rank of a ``torch``-format checkpoint written by :func:`write_megatron_torch`."""
-    files = sorted(glob.glob(os.path.join(root, "release", "mp_rank_*", "model_optim_rng.pt")))
+    """Read every rank of a ``torch``-format checkpoint (ours, or Megatron-LM's ``--ckpt-format
+    torch``: the tracker's ``release`` or ``iter_*`` directory).
+
+    Each ``model_optim_rng.pt`` is loaded without unpickling arbitrary objects
+    (:mod:`adadpo_megatron.conversion.safe_load`): a file naming any other type is refused.
+    """
+    from adadpo_megatron.conversion.safe_load import load_megatron_torch
+
+    directory = _torch_iteration_dir(root)
+    files = sorted(glob.glob(os.path.join(directory, "mp_rank_*", "model_optim_rng.pt")))
     if not files:
-        raise FileNotFoundError(f"{root}: no release/mp_rank_*/model_optim_rng.pt")
+        raise FileNotFoundError(f"{root}: no {os.path.basename(directory)}/mp_rank_*/"
+                                "model_optim_rng.pt")
     shards: Shards = {}
     for name in files:
         parts = os.path.basename(os.path.dirname(name)).split("_")[2:]
-        ckpt = torch.load(name, map_location="cpu", weights_only=False)
+        ckpt = load_megatron_torch(name)
         args = ckpt.get("args")
         pp = getattr(args, "pipeline_model_parallel_size", None)
         if pp is None:  # no args: a second number is the pipeline rank (no EP)
@@ -164,7 +187,9 @@ def read_megatron_torch(root: str) -> Shards:
         t, p = key[:2]
         keys = ["model"] if "model" in ckpt else sorted(
             (k for k in ckpt if k.startswith("model") and k[5:].isdigit()), key=lambda k: int(k[5:]))
-        shards[(t, p, *key[2:])] = [ckpt[k] for k in keys]
+        # TE layers' ``_extra_state`` (FP8 scaling metadata, a BytesIO) holds no weights.
+        shards[(t, p, *key[2:])] = [
+            {n: v for n, v in ckpt[k].items() if not n.endswith("._extra_state")} for k in keys]
     return shards
 
 
@@ -229,9 +254,14 @@ def read_megatron_dist(root: str, shape: LlamaShape) -> StateDict:
     """
     from megatron.core import dist_checkpointing, parallel_state
 
+    from adadpo_megatron.conversion.safe_load import UnsafeCheckpointError, check_dist_checkpoint
     from adadpo_megatron.trainer import checkpointing as ckpt
 
     latest = ckpt._iter_dir(root, ckpt.latest_iteration(root))
+    try:  # load_tensors_metadata unpickles .metadata: check it first
+        check_dist_checkpoint(latest)
+    except UnsafeCheckpointError as e:
+        raise ckpt.CheckpointError(str(e)) from None
     metadata = dist_checkpointing.load_tensors_metadata(latest)
     padded_vocab = metadata["embedding.word_embeddings.weight"].global_shape[0]
     model = _build_tp1_model(shape, padded_vocab, torch.float32)

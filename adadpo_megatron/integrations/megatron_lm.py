@@ -40,16 +40,22 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from adadpo_megatron.integrations.megatron_lm_data import data_paths
 from adadpo_megatron.trainer.arguments import add_args as _plugin_add_args
 
 __all__ = ["add_args", "check_args", "gpt_options_from_args", "make_forward_step",
-           "open_packed_dataset"]
+           "open_packed_dataset", "place_reference", "self_check", "uses_te_spec"]
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM ``extra_args_provider``: add the plugin's flags and return ``parser``."""
     parser = _plugin_add_args(parser)
+    pa = parser.add_argument_group("prefix sharing (adadpo-megatron)")
+    pa.add_argument("--prefix-attention", choices=["auto", "mask", "flex", "te"],
+                    default="auto", help="attention for prefix-shared data; auto: mask on cpu, "
+                    "flex on a GPU (te only when named); verified at start")
     g = parser.add_argument_group("metrics output (adadpo-megatron)")
     g.add_argument("--log-dir", default=None,
                    help="write the plugin's metrics.jsonl here (adadpo-train's names); "
@@ -135,8 +141,6 @@ def _prefix_attention(args: argparse.Namespace) -> str | None:
     import json
     import os
 
-    import torch
-
     from adadpo_megatron.data.prefix_layout import LAYOUT_PREFIX_SHARED, layout_kind
     from adadpo_megatron.step.model import default_prefix_attention
 
@@ -154,12 +158,49 @@ def _prefix_attention(args: argparse.Namespace) -> str | None:
         raise ValueError(f"{train_path} is prefix-shared (adadpo-pack --prefix-sharing), "
                          "which context parallelism does not support: "
                          "--context-parallel-size 1, or re-pack without --prefix-sharing")
-    choice = default_prefix_attention(torch.cuda.is_available())
+    choice = getattr(args, "prefix_attention", "auto") or "auto"
+    if choice == "auto":
+        choice = default_prefix_attention(torch.cuda.is_available())
+    elif choice != "mask" and not torch.cuda.is_available():
+        raise ValueError(f"--prefix-attention {choice} needs a GPU (FlexAttention has no CPU "
+                         "backward; te needs Transformer Engine): use mask or auto")
     if choice != "mask" and getattr(args, "recompute_granularity", None) is not None:
         raise ValueError(f"--recompute-granularity {args.recompute_granularity} with a "
                          f"prefix-shared {train_path} ({choice} attention) is not supported: "
                          "drop it, or re-pack without --prefix-sharing")
     return choice
+
+
+def uses_te_spec(args: argparse.Namespace) -> bool:
+    """True when the entry builds Transformer Engine's layer spec (``--transformer-impl
+    transformer_engine``): packs then go through TE's THD attention (``use_thd``); the local
+    spec takes a block mask. Follows the spec built, not whether TE imports."""
+    return getattr(args, "transformer_impl", "local") == "transformer_engine"
+
+
+def place_reference(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """The online reference placed and wrapped as Megatron-LM's ``get_model`` does the policy:
+    on the current CUDA device, in a ``Float16Module`` under ``--bf16``/``--fp16`` (bf16/fp16
+    weights, fp32 outputs). No DDP wrapper: the reference takes no gradients."""
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if getattr(args, "fp16", False) or getattr(args, "bf16", False):
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    return model
+
+
+def self_check(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Probe this rank's attention and log-prob paths (``step/self_check.py``) before step 1;
+    raises ``SelfCheckError`` (one line: the path and the flag that picks another)."""
+    from adadpo_megatron.step.self_check import check_paths
+
+    hint = ("--prefix-attention mask (or flex)" if _prefix_attention(args) is not None
+            else "--transformer-impl local" if uses_te_spec(args)
+            else "--transformer-impl transformer_engine, and report this")
+    check_paths([model], use_thd=uses_te_spec(args),
+                logprob_impl=getattr(args, "logprob_impl", "fused"), flag_hint=hint)
 
 
 def open_packed_dataset(args: argparse.Namespace, path: str):
@@ -192,10 +233,13 @@ def make_forward_step(args: argparse.Namespace, *, use_thd: bool | None = None,
     from adadpo_megatron.trainer.config import loss_config_from_args
 
     loss_cfg = loss_config_from_args(args)
+    if use_thd is None:
+        use_thd = uses_te_spec(args)
     built: dict[str, Any] = {}
 
     def forward_step(data_iterator, model):
         if not built:
+            self_check(model, args)  # the placed, wrapped policy, before its first step
             # No StepContext: under --calculate-per-token-loss no global pair count is
             # needed, and without it the loss function refuses to run (no silent G=1).
             built["step"] = fs.make_forward_step(

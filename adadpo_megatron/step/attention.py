@@ -18,10 +18,16 @@ mask implementation gets its plain mask tensor instead. Activation recompute sav
 Only ``core_attention`` of each layer's spec changes, so the linear layers (Transformer
 Engine's and FP8 included) are untouched. Three implementations, one contract:
 
-- ``mask`` (:class:`MaskSharedAttention`): megatron-core's local ``DotProductAttention`` with
-  the explicit boolean mask ``[1, 1, T, T]``: the reference; CPU and the local spec.
+- ``mask`` (``MaskSharedAttention``): megatron-core's local ``DotProductAttention`` with
+  the explicit boolean mask ``[1, 1, T, T]``: the reference; CPU and the local spec. It is
+  built with the ``padding`` mask type so masked-softmax fusion cannot pick the causal
+  kernel that ignores the mask (:func:`_mask_class`); the local spec uses it for every
+  pack, shared or not.
 - ``flex`` (:class:`FlexSharedAttention`): PyTorch FlexAttention with a block mask (the fast
-  path on a GPU without TE). On the CPU PyTorch runs it forward only (no backward).
+  path on a GPU without TE). On the CPU PyTorch runs it forward only (no backward). Packs
+  are padded to a power of two >= 128 (:func:`flex_length`), so compiled Flex sees a few
+  lengths; a recompile past :data:`FLEX_RECOMPILE_LIMIT` stops the run with an error
+  instead of dynamo's silent fallback to uncompiled, dense attention.
 - ``te`` (``TESharedAttention``, a subclass of megatron-core's ``TEDotProductAttention``, so
   its FP8 state and checkpoint keys are the TE spec's): Transformer Engine's THD attention
   with separate query and key/value ``cu_seqlens``: each rejected segment's keys/values are
@@ -45,7 +51,7 @@ import torch
 __all__ = [
     "IMPLEMENTATIONS",
     "FlexSharedAttention",
-    "MaskSharedAttention",
+    "MaskSharedAttention",  # noqa: F822 - module __getattr__ builds it
     "SharedLayout",
     "build_shared_layout",
     "core_attention_class",
@@ -95,7 +101,9 @@ class SharedLayout:
     dense_mask: torch.Tensor | None = None
     """bool [1, 1, T, T], True = masked out (mask)."""
     block_mask: Any = None
-    """FlexAttention BlockMask (flex)."""
+    """FlexAttention BlockMask over ``flex_len`` tokens (flex)."""
+    flex_len: int = 0
+    """T padded up to a power of two >= 128 (flex): the only lengths Flex is compiled for."""
     te_kv_index: torch.Tensor | None = None
     """int64 [T_kv]: key/value rows gathered per THD sequence (te)."""
     te_cu_q: torch.Tensor | None = None
@@ -139,10 +147,19 @@ def build_shared_layout(
     elif impl == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return _allowed(pair, branch, q_idx, kv_idx)
+        # Padding tokens form one-token "pairs" of their own (pair ids -1, -2, ...): each
+        # attends only to itself, so no real token sees one and no row is empty; their
+        # blocks off the diagonal are empty, which FlexAttention skips.
+        layout.flex_len = flex_length(total)
+        pad = layout.flex_len - total
+        pair_p = torch.cat([pair, -1 - torch.arange(pad, device=device)])
+        branch_p = torch.cat([branch, torch.ones(pad, dtype=branch.dtype, device=device)])
 
-        layout.block_mask = create_block_mask(mask_mod, None, None, total, total, device=device)
+        def mask_mod(b, h, q_idx, kv_idx):
+            return _allowed(pair_p, branch_p, q_idx, kv_idx)
+
+        layout.block_mask = create_block_mask(mask_mod, None, None, layout.flex_len,
+                                              layout.flex_len, device=device)
     else:
         _te_indices(layout, cu_seqlens, shared_prefix_len, device)
     return layout
@@ -170,12 +187,32 @@ def _te_indices(layout: SharedLayout, cu_seqlens, shared_prefix_len, device) -> 
     layout.te_max_kv = int(kv_lens_t.max())
 
 
+FLEX_MIN_LEN = 128
+"""Shortest length FlexAttention runs at (its block size); packs are padded up to powers of
+two from here, so a run compiles it for at most log2(seq_length / 128) + 1 lengths."""
+
+FLEX_RECOMPILE_LIMIT = 32
+"""Compiled FlexAttention may recompile this often (lengths x dtypes x grad modes) before it
+stops with an error; dynamo's own limit (8) would silently fall back to eager, dense attention."""
+
+
+def flex_length(total: int) -> int:
+    """The length FlexAttention runs a ``total``-token pack at: next power of two >= 128."""
+    return max(FLEX_MIN_LEN, 1 << max(0, int(total) - 1).bit_length())
+
+
 def _softmax_scale(config, softmax_scale: float | None, layer_number: int) -> float:
+    """The scale the attention scores get before the softmax, as megatron-core applies it.
+
+    ``apply_query_key_layer_scaling`` divides the scores by the layer number before the
+    product and multiplies them back in the fp32 softmax (``DotProductAttention``: alpha =
+    scale / layer_number, then ``FusedScaleMaskSoftmax(scale=layer_number)``; TE alike): a
+    guard against fp16 overflow that leaves the effective scale unchanged. FlexAttention
+    takes the effective scale in one step, so ``layer_number`` does not enter it.
+    """
+    del layer_number  # the layer scaling cancels (docstring)
     head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    if config.apply_query_key_layer_scaling:
-        scale /= max(1, layer_number)
-    return scale
+    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
 
 
 class _SharedAttentionBase(torch.nn.Module):
@@ -201,38 +238,54 @@ class _SharedAttentionBase(torch.nn.Module):
         return _check_layout(attention_mask, self.impl, type(self).__name__)
 
 
-class MaskSharedAttention(_SharedAttentionBase):
-    """Explicit mask: megatron-core's local ``DotProductAttention`` with the layout's mask."""
+@functools.lru_cache(maxsize=4)
+def _causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
+    """bool ``[1, 1, sq, sk]``, True above the (bottom-right aligned) diagonal."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1).view(
+        1, 1, sq, sk)
 
-    impl = "mask"
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
-                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
-                 pg_collection=None) -> None:
-        super().__init__(config, layer_number, attn_mask_type, attention_type,
-                         attention_dropout, softmax_scale, cp_comm_type, pg_collection)
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
+@functools.cache
+def _mask_class() -> type:
+    """``MaskSharedAttention``: megatron-core's local ``DotProductAttention`` (same parameters
+    and checkpoint keys) that always applies an explicit mask.
 
-        kwargs = dict(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
-                      attention_type=attention_type, attention_dropout=attention_dropout,
-                      softmax_scale=softmax_scale, cp_comm_type=cp_comm_type)
-        if pg_collection is not None:
-            kwargs["pg_collection"] = pg_collection
-        self.inner = DotProductAttention(**kwargs)
+    megatron-core builds its softmax with the layer's mask type, ``causal`` for GPT; with
+    ``masked_softmax_fusion`` (Megatron-LM's default) and fp16/bf16 on a GPU the fused kernel
+    for ``causal`` is an upper-triangular softmax that ignores the mask it is handed, so
+    pairs in a pack and the branches of a shared prefix would see each other. Built with
+    the ``padding`` mask type instead, the fused path is ``ScaledMaskedSoftmax`` (which
+    applies the mask) and the unfused path applies it too; a missing mask becomes the
+    explicit causal mask.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
-        """``query [sq, b, np, hn]``, ``key``/``value [sk, b, ng, hn]`` -> ``[sq, b, np*hn]``.
+    class MaskSharedAttention(DotProductAttention):
+        impl = "mask"
 
-        ``attention_mask``: the layout's bool mask ``[1, 1, T, T]`` (what
-        ``prepare_model_inputs`` passes), a :class:`SharedLayout` (its dense mask is used),
-        or None (padded batches: causal); handed to megatron-core's attention.
-        """
-        mask = attention_mask
-        if isinstance(attention_mask, SharedLayout):
-            mask = self._layout(attention_mask).dense_mask
-        return self.inner(query, key, value, mask, attn_mask_type=attn_mask_type,
-                          attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
+            super().__init__(config, layer_number, AttnMaskType.padding, attention_type,
+                             **kwargs)
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None, **kwargs):
+            """``query [sq, b, np, hn]``, ``key``/``value [sk, b, ng, hn]`` -> ``[sq, b, np*hn]``.
+
+            ``attention_mask``: bool ``[1, 1, sq, sk]``, True = masked out (the layout's, or
+            a pack's block-diagonal causal mask), a :class:`SharedLayout` (its dense mask),
+            or None (padded batches: the causal mask).
+            """
+            mask = attention_mask
+            if isinstance(mask, SharedLayout):
+                mask = _check_layout(mask, "mask", type(self).__name__).dense_mask
+            if mask is None:
+                mask = _causal_mask(query.shape[0], key.shape[0], query.device)
+            return super().forward(query, key, value, mask, attn_mask_type=None,
+                                   attention_bias=attention_bias,
+                                   packed_seq_params=packed_seq_params, **kwargs)
+
+    return MaskSharedAttention
 
 
 class FlexSharedAttention(_SharedAttentionBase):
@@ -254,14 +307,18 @@ class FlexSharedAttention(_SharedAttentionBase):
         from torch.nn.attention.flex_attention import flex_attention
 
         layout = self._layout(attention_mask)
-        fn = flex_attention
-        if query.is_cuda:
-            fn = _compiled_flex()
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, T, hn]
-        out = fn(q, k, v, block_mask=layout.block_mask, scale=self.softmax_scale,
-                 enable_gqa=q.shape[1] != k.shape[1])
         t, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(t, b, -1)
+        pad = layout.flex_len - t
+        if pad < 0:
+            raise ValueError(f"FlexSharedAttention: the layout holds {layout.flex_len} tokens, "
+                             f"the query {t}: build it from this micro-batch's cu_seqlens")
+        q, k, v = (torch.nn.functional.pad(x.permute(1, 2, 0, 3), (0, 0, 0, pad))
+                   for x in (query, key, value))  # [b, h, T_flex, hn]
+        kwargs = dict(block_mask=layout.block_mask, scale=self.softmax_scale,
+                      enable_gqa=q.shape[1] != k.shape[1])
+        out = _compiled_flex_call(q, k, v, kwargs) if query.is_cuda else flex_attention(
+            q, k, v, **kwargs)
+        return out[:, :, :t].permute(2, 0, 1, 3).reshape(t, b, -1)
 
 
 @functools.cache
@@ -269,6 +326,30 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _compiled_flex_call(q, k, v, kwargs):
+    """Compiled FlexAttention; a recompile past FLEX_RECOMPILE_LIMIT raises, never falls back.
+
+    (torch >= 2.6 names the settings ``recompile_limit``/``fail_on_recompile_limit_hit``,
+    earlier releases ``cache_size_limit``/``fail_on_cache_limit_hit``.)
+    """
+    import torch._dynamo
+
+    cfg, exc = torch._dynamo.config, torch._dynamo.exc
+    new_names = hasattr(cfg, "fail_on_recompile_limit_hit")
+    limit_name = "recompile_limit" if new_names else "cache_size_limit"
+    fail_name = "fail_on_recompile_limit_hit" if new_names else "fail_on_cache_limit_hit"
+    hit = getattr(exc, "FailOnRecompileLimitHit", None) or exc.FailOnCacheLimitHit
+    limit = max(FLEX_RECOMPILE_LIMIT, getattr(cfg, limit_name))
+    try:
+        with cfg.patch(**{limit_name: limit, fail_name: True}):
+            return _compiled_flex()(q, k, v, **kwargs)
+    except hit as e:
+        raise RuntimeError(
+            f"FlexAttention recompiled more than {limit} times (pack of {q.shape[2]} padded "
+            "tokens): stopping rather than running it uncompiled (dense, slow); use "
+            "--prefix-attention mask or te") from e
 
 
 @functools.cache
@@ -327,13 +408,21 @@ def _check_layout(attention_mask, impl: str, owner: str) -> SharedLayout:
     return attention_mask
 
 
+def __getattr__(name: str):
+    if name == "MaskSharedAttention":  # built on first use (imports megatron-core)
+        return _mask_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def core_attention_class(impl: str) -> type:
     """The core-attention class of ``impl`` (mask | flex | te) for a layer spec.
 
+    ``mask`` subclasses megatron-core's ``DotProductAttention`` (also the local spec's
+    attention for unshared packs: it honours block masks under masked-softmax fusion);
     ``te`` imports Transformer Engine (megatron-core's ``TEDotProductAttention`` subclass).
     """
     if impl == "mask":
-        return MaskSharedAttention
+        return _mask_class()
     if impl == "flex":
         return FlexSharedAttention
     if impl == "te":

@@ -81,11 +81,13 @@ def transformer_engine_usable() -> bool:
 
 
 def default_prefix_attention(on_cuda: bool) -> str:
-    """Default prefix-sharing attention (``step/attention.py``): ``mask`` off CUDA, ``te``
-    with a usable Transformer Engine, ``flex`` (FlexAttention) on a GPU without it."""
-    if not on_cuda:
-        return "mask"
-    return "te" if transformer_engine_usable() else "flex"
+    """Default prefix-sharing attention (``step/attention.py``): ``mask`` off CUDA, ``flex``
+    (FlexAttention, PyTorch's own kernel) on a GPU, with or without Transformer Engine.
+
+    ``te`` (our THD formulation over TE's attention) has not run on a GPU yet, so it is used
+    only when named (``--prefix-attention te``); the start-up self-check
+    (``step/self_check.py``) verifies whichever path runs."""
+    return "flex" if on_cuda else "mask"
 
 
 def build_transformer_config(
@@ -240,6 +242,10 @@ def _layer_spec(config, use_te: bool, prefix_attention: str | None = None):
         # get_gpt_layer_local_submodules with the same keyword names. Never pass positionally:
         # the positional order changed between releases.
         spec = specs.get_gpt_layer_local_spec(**family, normalization=config.normalization)
+    if prefix_attention is None and not use_te:
+        # The local spec's packs carry a block-diagonal mask: megatron's own attention would
+        # ignore it under masked-softmax fusion (step/attention.py, _mask_class).
+        prefix_attention = "mask"
     if prefix_attention is not None:
         from adadpo_megatron.step.attention import core_attention_class
 

@@ -146,7 +146,7 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="auto: cuda when available (gloo backend and CPU layers on cpu)")
     g.add_argument("--prefix-attention", choices=["auto", "mask", "flex", "te"], default="auto",
                    help="attention for prefix-shared data (adadpo-pack --prefix-sharing); auto: "
-                   "mask on cpu, te with Transformer Engine, flex on a GPU without it")
+                   "mask on cpu, flex on a GPU (te only when named); verified at start")
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:

@@ -314,6 +314,12 @@ def _check_optimizer_resumable(ckpt: str, meta: dict[str, Any], config: dict[str
 def _load(state: dict[str, Any], ckpt: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from adadpo_megatron.conversion.safe_load import UnsafeCheckpointError, check_dist_checkpoint
+
+    try:  # DCP unpickles .metadata and objects: check them without running anything first
+        check_dist_checkpoint(ckpt)
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
     try:
         return dist_checkpointing.load(state, ckpt)
     # torch's CheckpointException derives from BaseException, not Exception.

@@ -79,13 +79,15 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
 
 def _online_reference():
-    """The frozen reference: the same model, weights from --ref-load (torch_dist)."""
+    """The frozen reference: the same model, weights from --ref-load (torch_dist), placed and
+    wrapped as Megatron-LM places the policy (CUDA device, Float16Module under --bf16)."""
     from adadpo_megatron.step.reference import build_online_reference
     from adadpo_megatron.trainer.checkpointing import load_model_weights
 
     args = _megatron_args()
-    chunks = build_online_reference(lambda: [_gpt(args)], [None], args.ref_load,
-                                    load_weights=load_model_weights)
+    chunks = build_online_reference(
+        lambda: [megatron_lm.place_reference(_gpt(args), args)], [None], args.ref_load,
+        load_weights=load_model_weights)
     return chunks[0]
 
 
@@ -163,7 +165,12 @@ def forward_step(data_iterator, model):
         _FORWARD_STEP.append(megatron_lm.make_forward_step(
             args, reference=_online_reference if args.ref_load else None,
             metrics=_step_metrics))
-    return _FORWARD_STEP[0](data_iterator, model)
+    from adadpo_megatron.step.self_check import SelfCheckError
+
+    try:
+        return _FORWARD_STEP[0](data_iterator, model)
+    except SelfCheckError as e:  # the first call probes the GPU paths (before step 1)
+        _fail(str(e))
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ Hugging Face gives the megatron-core model's logits to 1e-4 (fp64; examples/smol
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,7 +59,24 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= run["heldout_accuracy"] <= 1.0
         assert all(g is not None and g > 0 for g in curves["grad_ratio"])
         assert (out / "seed1" / loss / "hf" / "model.safetensors").is_file()
+    assert_training_learned(results, out)
     assert task.is_correct(task.Question(59, 63), "What is 59 + 63? 59 + 63 = 122")
+
+
+def assert_training_learned(results: dict, out: Path) -> None:
+    """Training pushed the held-out pairs the right way, more with each step.
+
+    Measured (seed 1, 2 steps): beta-scaled held-out margin 0.25 then 0.43 (dpo), 0.26 then
+    0.44 (adadpo); dpo's held-out loss 0.59 then 0.52 (ln 2 = 0.693 at step 0, where policy
+    = reference). ``--lr 0`` leaves every margin at 0 and the loss at ln 2; a flipped sign
+    makes them negative and the loss rise: each assertion below then fails.
+    """
+    for loss in ("dpo", "adadpo"):
+        margins = results["runs"][loss]["1"]["curves"]["eval_margin"]  # step 0, 1, 2
+        assert margins[-1] > 0.1 and margins[-1] > margins[1] > 0.0, (loss, margins)
+    evals = [json.loads(x) for x in (out / "seed1" / "dpo" / "metrics.jsonl").open()]
+    eval_losses = [r["eval/loss"] for r in evals if "eval/loss" in r]
+    assert eval_losses[-1] < math.log(2) - 0.05, eval_losses
 
 
 @pytest.mark.parametrize("reply, value", [("59 + 63 = 122", 122), ("The answer is 1,234.", 1234),

@@ -27,7 +27,7 @@ MODEL = [
     "--lr-decay-style", "constant", "--clip-grad", "0", "--log-interval", "1",
     "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", str(TOKENIZER),
     "--distributed-backend", "gloo", "--transformer-impl", "local",
-    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+    "--no-gradient-accumulation-fusion",
     "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
     "--no-persist-layer-norm",
     "--dataloader-type", "external", "--calculate-per-token-loss",

@@ -257,3 +257,42 @@ def test_step_metrics_reduce_write_and_fix_the_max_for_megatron_lm() -> None:
         assert writer.logged[2][1] == {"eval/loss": 1.0, "eval/adadpo/coef_max": 2.0}
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def test_use_thd_follows_the_spec_and_the_reference_is_placed_like_the_policy(
+        monkeypatch) -> None:
+    """use_thd follows --transformer-impl (the spec built), not whether TE imports; the
+    online reference is wrapped in Float16Module under --bf16 as get_model wraps the policy;
+    the first forward_step call runs the self-check and refuses a wrong path."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.module import Float16Module
+
+    from adadpo_megatron.step import self_check
+    from adadpo_megatron.step.cpu import initialize_model_parallel_cpu
+    from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
+
+    te = argparse.Namespace(transformer_impl="transformer_engine")
+    assert megatron_lm.uses_te_spec(te) and not megatron_lm.uses_te_spec(
+        argparse.Namespace(transformer_impl="local"))
+    initialize_model_parallel_cpu(tp=1, pp=1)
+    try:
+        config = build_transformer_config(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                          ffn_hidden_size=64, bf16=True)
+        ref = megatron_lm.place_reference(build_gpt_model(config, 64, 32, use_te=False),
+                                          argparse.Namespace(bf16=True, fp16=False))
+        assert isinstance(ref, Float16Module)
+        assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+        plain = build_gpt_model(config, 64, 32, use_te=False)
+        assert megatron_lm.place_reference(plain, argparse.Namespace(bf16=False)) is plain
+
+        seen = {}
+        monkeypatch.setattr(self_check, "check_paths", lambda chunks, **kw: seen.update(kw))
+        args = _recipe_args("--tensor-model-parallel-size", "1",
+                            "--pipeline-model-parallel-size", "1")
+        args.transformer_impl = "local"
+        step = megatron_lm.make_forward_step(args)
+        with pytest.raises(StopIteration):
+            step(iter([]), plain)
+        assert seen["use_thd"] is False and seen["logprob_impl"] == "fused"
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -129,15 +129,55 @@ def test_flex_forward_matches_mask_on_cpu():
     t = int(b["cu_seqlens"][-1])
     flex = build_shared_layout(b["cu_seqlens"], b["shared_prefix_len"], "cpu", "flex")
     mask = build_shared_layout(b["cu_seqlens"], b["shared_prefix_len"], "cpu", "mask")
+    assert flex.flex_len == 128 and t < 128  # padded to a power of two >= 128
     from torch.nn.attention.flex_attention import flex_attention
 
     q = torch.randn(1, 4, t, 16)
     k, v = torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
-    got = flex_attention(q, k, v, block_mask=flex.block_mask, scale=0.25, enable_gqa=True)
+    pad = [torch.nn.functional.pad(x, (0, 0, 0, flex.flex_len - t)) for x in (q, k, v)]
+    got = flex_attention(*pad, block_mask=flex.block_mask, scale=0.25, enable_gqa=True)
     want = F.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
         attn_mask=~mask.dense_mask, scale=0.25)
-    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got[:, :, :t], want, atol=1e-5)
+
+
+def test_flex_length_buckets():
+    from adadpo_megatron.step.attention import flex_length
+
+    assert [flex_length(n) for n in (1, 127, 128, 129, 300, 4096, 4097)] == [
+        128, 128, 128, 256, 512, 4096, 8192]
+    # A run sees at most log2(seq_length / 128) + 1 lengths: 7 up to 8192 tokens.
+    assert len({flex_length(n) for n in range(1, 8193)}) == 7
+
+
+@pytest.mark.parametrize("layer_number", [1, 3])
+def test_attention_paths_agree_under_query_key_layer_scaling(megatron_cpu, layer_number):
+    """apply_query_key_layer_scaling leaves the effective softmax scale at 1/sqrt(d): the
+    mask path (megatron-core's DotProductAttention), Flex and a plain reference agree at any
+    layer (Flex used to divide its scale by the layer number)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from adadpo_megatron.step.attention import core_attention_class
+    from adadpo_megatron.step.model import build_transformer_config
+
+    config = build_transformer_config(**MODEL, apply_query_key_layer_scaling=True)
+    b = shared_batch(_pack_spec(5, seed=12))
+    t, cu, s = int(b["cu_seqlens"][-1]), b["cu_seqlens"], b["shared_prefix_len"]
+    g = torch.Generator().manual_seed(2)
+    q = 3 * torch.randn(t, 1, 4, 8, generator=g)  # peaked scores: a scale error shows
+    k, v = 3 * torch.randn(t, 1, 2, 8, generator=g), torch.randn(t, 1, 2, 8, generator=g)
+    dense = build_shared_layout(cu, s, "cpu", "mask").dense_mask
+    want = F.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), k.repeat_interleave(2, 2).permute(1, 2, 0, 3),
+        v.repeat_interleave(2, 2).permute(1, 2, 0, 3), attn_mask=~dense,
+        scale=1 / math.sqrt(8)).permute(2, 0, 1, 3).reshape(t, 1, -1)
+    for impl in ("mask", "flex"):
+        attn = core_attention_class(impl)(config, layer_number, AttnMaskType.causal, "self")
+        mask = dense if impl == "mask" else build_shared_layout(cu, s, "cpu", impl)
+        with torch.no_grad():
+            got = attn(q, k, v, mask)
+        assert torch.allclose(got, want, atol=1e-5), (impl, (got - want).abs().max())
 
 
 # ----------------------------------------------------------------- the whole model
@@ -153,12 +193,12 @@ def megatron_cpu():
     initialize_model_parallel_cpu(tp=1, pp=1, seed=5)
 
 
-def _model(position: str, impl: str | None):
+def _model(position: str, impl: str | None, **overrides):
     from adadpo_megatron.step.cpu import seed_cpu
     from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
 
     seed_cpu(11)
-    config = build_transformer_config(**MODEL, position_embedding_type=position)
+    config = build_transformer_config(**{**MODEL, **overrides}, position_embedding_type=position)
     config.adadpo_gpt_options = dataclasses.replace(
         config.adadpo_gpt_options, prefix_attention=impl)
     return build_gpt_model(config, 128, 256)
@@ -212,21 +252,29 @@ def test_shared_pack_equals_each_sequence_alone(megatron_cpu, position):
 def test_rope_needs_position_ids_in_the_shared_layout(megatron_cpu):
     # Break the per-token rotary table (angles by place in the pack, megatron's default):
     # the shared layout's rejected tokens then get the wrong distance to the prompt.
+    # init std 0.2, not 0.02: at 0.02 the attention scores are so flat that positions barely
+    # matter (the broken table moved the rejected sums by 8e-6 relative, under TOL); at 0.2
+    # they are position-sensitive: broken 9e-2 relative (~8600x TOL), correct 1.2e-7.
     from adadpo_megatron.step import rotary
 
     pairs = _pack_spec(4, seed=6, min_prompt=4)
-    model = _model("rope", "mask")
+    model = _model("rope", "mask", init_method_std=0.2)
     batch = shared_batch(pairs)
-    want = _alone(model, pairs)
-    good = _segment_logps(model, batch, "mask")
-    assert torch.allclose(good, want, rtol=TOL, atol=TOL)
-    original = rotary.per_token_rotary
-    try:
-        rotary.per_token_rotary = lambda freqs, position_ids: freqs
-        bad = _segment_logps(model, batch, "mask")
-    finally:
-        rotary.per_token_rotary = original
-    assert (bad - want)[1::2].abs().max() > 10 * TOL  # ~1.6e-4 with this tiny random model
+    with torch.no_grad():
+        want = _alone(model, pairs)
+        good = _segment_logps(model, batch, "mask")
+        original = rotary.per_token_rotary
+        try:
+            rotary.per_token_rotary = lambda freqs, position_ids: freqs
+            bad = _segment_logps(model, batch, "mask")
+        finally:
+            rotary.per_token_rotary = original
+
+    def rel(x):
+        return float(((x - want) / want.abs().clamp(min=1)).abs().max())
+
+    assert rel(good) <= TOL
+    assert float(((bad - want) / want.abs().clamp(min=1))[1::2].abs().max()) > 100 * TOL
     assert torch.allclose(bad[0::2], want[0::2], rtol=TOL, atol=TOL)  # chosen: contiguous
 
 
