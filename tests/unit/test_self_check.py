@@ -9,7 +9,6 @@ fused log-probs that lose a vocabulary block.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -43,19 +42,11 @@ def _model(impl: str | None, *, bf16: bool = False, **overrides):
 
 @pytest.mark.parametrize("impl", ["mask", None, "flex"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_cpu_paths_pass_in_well_under_a_second(megatron_cpu, impl, bf16):
+def test_cpu_paths_pass(megatron_cpu, impl, bf16):
     model = _model(impl, bf16=bf16, apply_query_key_layer_scaling=True)
-    check_paths([model], use_thd=False, logprob_impl="fused")  # warm-up (first-call costs)
-    best = float("inf")
-    for _ in range(3):  # the best of three: a shared machine's load only adds time
-        start = time.perf_counter()
-        out = check_paths([model], use_thd=False, logprob_impl="fused")
-        best = min(best, time.perf_counter() - start, out["seconds"])
-    # Timed where the CPU runs what a GPU runs: bf16 matmuls are emulated on the CPU and
-    # FlexAttention runs eager there (unloaded machine: 0.14 s fp32 mask/plain, 24 layers;
-    # 0.4-1.2 s bf16 or flex).
-    if not bf16 and impl != "flex":
-        assert best < 1.0, best
+    out = check_paths([model], use_thd=False, logprob_impl="fused")
+    # Its cost is measured by benchmarks/bench_self_check.py, never asserted here.
+    assert out["seconds"] > 0
 
 
 def test_attention_that_drops_the_mask_is_refused(megatron_cpu, monkeypatch):
