@@ -159,6 +159,18 @@ def _vocab_size(cfg: TrainConfig, ds) -> int:
     return cfg.model.padded_vocab_size(vocab, cfg.parallel.tensor_model_parallel_size)
 
 
+def _require_cp_attention(cfg: TrainConfig) -> None:
+    """Context parallelism needs Transformer Engine's attention: refuse it here, in one line,
+    rather than let megatron-core's local attention assert while the model is built."""
+    from adadpo_megatron.step.model import transformer_engine_usable
+
+    cp = cfg.parallel.context_parallel_size
+    if cp > 1 and not transformer_engine_usable():
+        raise ConfigError(f"--context-parallel-size {cp} needs Transformer Engine's attention "
+                          "(a CUDA GPU with transformer-engine installed); megatron-core's local "
+                          "attention has no context parallelism: use --context-parallel-size 1")
+
+
 def build_run(cfg: TrainConfig) -> Run:
     """Build data, model, optimizer, schedule, reference and writer; resume if --load.
 
@@ -190,6 +202,7 @@ def build_run(cfg: TrainConfig) -> Run:
     eval_data = (_open_data(cfg, cfg.io.eval_data_path, "--eval-data-path")
                  if cfg.io.eval_data_path else None)
     check_identity(cfg, train_data, eval_data)  # same tokenizer everywhere, before the model
+    _require_cp_attention(cfg)
     vocab = _vocab_size(cfg, train_data)
     max_pos = cfg.model.max_position_embeddings
     attention = prefix_attention_for(cfg, train_data, eval_data)

@@ -156,3 +156,4 @@ def test_prefix_shared_dataset_reference_training_and_cp_refusal(results):
     assert list(losses) == ["1", "2", "3"]
     assert abs(losses["1"] - 0.6931471805599453) < 1e-6  # online reference, shared layout
     assert "--context-parallel-size 2 -> 1" in results["shared_cp_refusal"]
+    assert "--context-parallel-size 2 needs Transformer Engine" in results["cpu_cp_refusal"]

@@ -183,6 +183,11 @@ def case_prefix_sharing(data: str, work: str, out: dict) -> None:
         out["shared_cp_refusal"] = None
     except ConfigError as e:
         out["shared_cp_refusal"] = str(e)
+    try:  # unshared data: CP needs TE attention, which a CPU run has not
+        start(base_args(data) + ["--context-parallel-size", "2", "--train-iters", "1"])
+        out["cpu_cp_refusal"] = None
+    except ConfigError as e:
+        out["cpu_cp_refusal"] = str(e)
 
 
 def case_dp_coverage(data: str, work: str, out: dict) -> None:
