@@ -111,12 +111,35 @@ def _check_paths(a: argparse.Namespace) -> None:
         raise SystemExit(f"convert_hf_to_megatron: error: {e}") from None
 
 
+def _ranks() -> tuple[int, bool]:
+    """(this rank, whether a process group runs): called inside a torchrun job, every rank
+    converts together (the dist-checkpoint save is collective) into one staging directory."""
+    import torch.distributed as dist
+
+    running = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank() if running else 0), running
+
+
 def _staging(output: str) -> str:
-    """A fresh directory beside ``output`` to write the conversion into."""
+    """A fresh directory beside ``output`` to write the conversion into (rank 0 makes it and
+    every rank of a running process group gets its name)."""
     import tempfile
 
+    import torch.distributed as dist
+
+    rank, running = _ranks()
     parent, name = os.path.split(os.path.abspath(output))
-    return tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=parent)
+    path = [tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=parent) if rank == 0 else None]
+    if running:
+        dist.broadcast_object_list(path, src=0)
+    return path[0]
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _ranks()[1]:
+        dist.barrier()
 
 
 def _publish(staging: str, output: str) -> None:
@@ -142,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
 
     output = a.output
     a.output = _staging(output)  # written there, moved into --output when complete
+    rank, _ = _ranks()
     try:
         shape = _to_hf(a) if a.to_hf else _to_megatron(a)
-        _publish(a.output, output)
+        _barrier()  # every rank's shards are in the staging directory
+        if rank == 0:
+            _publish(a.output, output)
+        _barrier()
     except (CheckpointError, UnsafeCheckpointError) as e:  # damaged, missing or unsafe
         raise SystemExit(f"convert_hf_to_megatron: error: {e}") from None
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException included
@@ -155,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"({failure}); nothing was moved into it and the staging directory "
                          f"{a.output} was removed") from None
     finally:
-        shutil.rmtree(a.output, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(a.output, ignore_errors=True)
     a.output = output
     print(f"wrote {a.output}")
     print("model flags for adadpo-train:", shlex.join(shape.trainer_flags()))
