@@ -137,13 +137,17 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
                     config: dict[str, Any], data_fingerprint: str | None,
                     skipped_in_a_row: int = 0,
                     reference: list[torch.nn.Module] | None = None,
-                    tokenizer: dict[str, Any] | None = None) -> str:
+                    tokenizer: dict[str, Any] | None = None,
+                    model_state: dict[str, Any] | None = None,
+                    extra_meta: dict[str, Any] | None = None) -> str:
     """Write checkpoint ``iteration`` under ``root`` atomically; returns its directory.
 
     Collective over the world. ``model``/``reference`` are this rank's chunks (DDP-wrapped
     or not), ``data_state`` the sampler's JSON-able position, ``fingerprint`` the run's
     ``TrainConfig.fingerprint()``, ``config`` its ``to_dict()``, ``tokenizer`` the training
-    data's ``{"fingerprint", "vocab_size"}`` (checked by later loads).
+    data's ``{"fingerprint", "vocab_size"}`` (checked by later loads). ``model_state``
+    replaces the chunks' sharded state (LoRA saves its adapters alone: trainer/lora_ckpt.py);
+    ``extra_meta`` is merged into ``adadpo_meta.json``.
     """
     rank = torch.distributed.get_rank()
     final = _iter_dir(root, iteration)
@@ -154,7 +158,7 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
         os.makedirs(tmp)
     torch.distributed.barrier()
 
-    model_sd = _model_sharded(model, "model")
+    model_sd = model_state if model_state is not None else _model_sharded(model, "model")
     state: dict[str, Any] = dict(model_sd)
     state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=False)
     if reference is not None:
@@ -173,7 +177,7 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
                 "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
                 "layout": _layout(), "has_reference": reference is not None,
                 "optimizer_metadata": _OPTIM_METADATA, "config": config,
-                "tokenizer": tokenizer}
+                "tokenizer": tokenizer, **(extra_meta or {})}
         _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
         aside = None
         if os.path.exists(final):  # re-saving a step (a resumed run saving into --load)
@@ -270,8 +274,13 @@ def _strip(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
                     fingerprint: str, config: dict[str, Any], data_fingerprint: str | None,
-                    reference: list[torch.nn.Module] | None = None) -> dict[str, Any]:
+                    reference: list[torch.nn.Module] | None = None,
+                    model_state: dict[str, Any] | None = None,
+                    apply_model: Any = None) -> dict[str, Any]:
     """Resume from ``root``'s latest checkpoint, in place; returns the run state.
+
+    ``model_state``/``apply_model(loaded)``: a sharded state other than the chunks' and
+    how to put it back (LoRA adapters: trainer/lora_ckpt.py).
 
     Returns ``{"iteration", "data", "skipped_in_a_row"}``. Raises CheckpointError (before
     reading tensors) when the checkpoint is missing, incomplete, or from a run with another
@@ -290,7 +299,7 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
         raise CheckpointError(f"{ckpt} holds no reference weights: give --ref-load")
     same_layout = meta["layout"] == _layout()
 
-    model_sd = _model_sharded(model, "model")
+    model_sd = model_state if model_state is not None else _model_sharded(model, "model")
     state: dict[str, Any] = dict(model_sd)
     state["optimizer"] = _optimizer_sharded(optimizer, model_sd, is_loading=True)
     if reference is not None:
@@ -299,8 +308,11 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
         state["rng_state"] = _rng_sharded(None)
     loaded = _load(state, ckpt)
 
-    for i, chunk in enumerate(model):
-        _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    if apply_model is not None:
+        apply_model(loaded)
+    else:
+        for i, chunk in enumerate(model):
+            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     for i, chunk in enumerate(reference or []):
         _unwrap(chunk).load_state_dict(_strip(loaded[f"reference{i}"], "reference."))
     optimizer.load_state_dict(loaded["optimizer"])

@@ -185,7 +185,8 @@ class ReferenceArgs:
     """Where reference log-probs come from."""
 
     mode: str
-    """'none' (reference-free loss), 'precomputed' (--ref-logprobs) or 'online'."""
+    """'none' (reference-free loss), 'precomputed' (--ref-logprobs), 'online', or 'base'
+    (LoRA: the policy with its adapters off, trainer/lora_run.py)."""
     ref_logprobs: str | None
     """--ref-logprobs: side-car path."""
     ref_load: str | None
@@ -208,6 +209,8 @@ class TrainConfig:
     """adadpo_megatron.step.fp8.FP8Settings."""
     exits: Any = None
     """adadpo_megatron.trainer.exits.ExitConfig (None: never stop early)."""
+    lora: Any = None
+    """adadpo_megatron.step.lora.LoRASettings (None: full-parameter training)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict of every setting (written to config.json and checkpoints)."""
@@ -222,7 +225,10 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """sha256 over what a checkpoint must agree on to resume: model shape and loss."""
         d = self.to_dict()
-        blob = json.dumps({"model": d["model"], "loss": d["loss"]}, sort_keys=True)
+        keep = {"model": d["model"], "loss": d["loss"]}
+        if d.get("lora"):  # LoRA runs: the adapters' shape too
+            keep["lora"] = d["lora"]
+        blob = json.dumps(keep, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -429,7 +435,7 @@ def loss_config_from_args(a: argparse.Namespace) -> Any:
         raise ConfigError(f"{flags} (with --preference-loss {a.preference_loss}): {msg}") from e
 
 
-def _reference_args(a: argparse.Namespace, loss: Any) -> ReferenceArgs:
+def _reference_args(a: argparse.Namespace, loss: Any, lora: Any = None) -> ReferenceArgs:
     _require(not (a.ref_logprobs and a.ref_load),
              "--ref-logprobs and --ref-load are alternatives (precomputed vs online "
              "reference): give one")
@@ -440,6 +446,8 @@ def _reference_args(a: argparse.Namespace, loss: Any) -> ReferenceArgs:
         return ReferenceArgs(mode="none", ref_logprobs=None, ref_load=None)
     if a.ref_logprobs:
         return ReferenceArgs(mode="precomputed", ref_logprobs=a.ref_logprobs, ref_load=None)
+    if lora is not None and not a.ref_load:  # LoRA: the base is the reference, no copy
+        return ReferenceArgs(mode="base", ref_logprobs=None, ref_load=None)
     ref_load = a.ref_load or (a.load if a.finetune else None)
     return ReferenceArgs(mode="online", ref_logprobs=None, ref_load=ref_load)
 
@@ -476,6 +484,13 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
         exits = exit_config_from_args(a)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    from adadpo_megatron.trainer.lora_args import lora_settings_from_args
+
+    try:
+        lora = lora_settings_from_args(a)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return TrainConfig(model=model, parallel=parallel, training=training,
                        optim=_optim_args(a), io=_io_args(a), loss=loss,
-                       reference=_reference_args(a, loss), fp8=fp8, exits=exits)
+                       reference=_reference_args(a, loss, lora), fp8=fp8, exits=exits,
+                       lora=lora)

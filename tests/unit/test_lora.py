@@ -113,3 +113,22 @@ def test_te_classes_are_recognised_by_name():
     assert _kind(te_linear) == "row"
     with pytest.raises(TypeError, match="LoRA cannot wrap Linear"):
         _kind(torch.nn.Linear(2, 2))
+
+
+def test_flags_reference_mode_and_fingerprint():
+    from test_train_config import cfg_of, error_of
+
+    plain = cfg_of()
+    assert plain.lora is None and plain.reference.mode == "online"
+    cfg = cfg_of("--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.05",
+                 "--lora-target-modules", "linear_qkv", "linear_proj")
+    assert cfg.lora == LoRASettings(rank=8, alpha=16, dropout=0.05,
+                                    target_modules=("linear_qkv", "linear_proj"))
+    assert cfg.lora.scaling == 2.0
+    assert cfg.reference.mode == "base"  # no second model
+    assert cfg_of("--lora-rank", "8", "--ref-load", "/x").reference.mode == "online"
+    assert cfg_of("--lora-rank", "8", "--ref-logprobs", "/x.npz").reference.mode == "precomputed"
+    assert cfg.fingerprint() != plain.fingerprint()  # adapters of another shape: refused
+    assert cfg_of("--lora-rank", "4").fingerprint() != cfg_of("--lora-rank", "8").fingerprint()
+    assert "--lora-rank" in error_of("--lora-rank", "0")
+    assert "--lora-target-modules" in error_of("--lora-rank", "2", "--lora-target-modules", "q")
