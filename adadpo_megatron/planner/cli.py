@@ -129,8 +129,13 @@ def layout_from_args(args: argparse.Namespace, shape: ModelShape) -> Layout:
         micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size or args.micro_batch_size * max(world // mp, 1),
         dropout=args.hidden_dropout > 0 or args.attention_dropout > 0,
-        online_reference=needs_reference and not args.ref_logprobs,
+        # LoRA without --ref-load: the reference is the base itself (no second copy).
+        online_reference=needs_reference and not args.ref_logprobs
+        and (args.lora_rank is None or bool(args.ref_load)),
         logprob_impl=args.logprob_impl,
+        lora_rank=args.lora_rank, lora_targets=tuple(args.lora_target_modules),
+        base_reference=needs_reference and args.lora_rank is not None
+        and not (args.ref_logprobs or args.ref_load),
     )
 
 
@@ -183,6 +188,9 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"parameters: {r['params_total'] / 1e9:.3f} B total "
                  f"(vocab padded to {r['padded_vocab_size']}; "
                  f"{r['params_total_unpadded'] / 1e9:.3f} B unpadded)")
+    if "trainable_params" in r:
+        lines.append(f"LoRA rank {lay['lora_rank']}: {r['trainable_params'] / 1e6:.2f} M "
+                     "trainable adapter parameters (base frozen)")
     for e in r["errors"]:
         lines.append(f"ERROR: {e}")
     if r["errors"]:

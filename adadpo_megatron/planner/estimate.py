@@ -135,6 +135,12 @@ class Layout:
     """Tokens per fp32 log-softmax block (logprobs.vocab_parallel_logprobs, ``chunked``)."""
     logprob_impl: str = "fused"
     """--logprob-impl: ``fused`` (no logits tensor) or ``chunked`` (bf16 logits + fp32 blocks)."""
+    lora_rank: int | None = None
+    """--lora-rank: LoRA adapters on a frozen base (planner/lora.py); None = full training."""
+    lora_targets: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    """--lora-target-modules."""
+    base_reference: bool = False
+    """LoRA with no --ref-* flag: the reference is a forward pass of the base itself."""
 
     @property
     def dp(self) -> int:
@@ -351,13 +357,22 @@ def memory_per_gpu(shape: ModelShape, lay: Layout, pp_rank: int) -> dict[str, fl
     else:
         weights = n * w_bytes + (gemm * 2.0 if lay.fp8 else 0.0)  # TE's FP8 weight cache
     shard = lay.dp * lay.cp if lay.distributed_optimizer else 1
-    optimizer = n * (12 if lay.bf16 else 8) / shard  # fp32 master (bf16 only), m, v
+    trained = n
+    activations = activation_bytes(shape, lay, pp_rank)
+    if lay.lora_rank:  # frozen base: grads and Adam state for the adapters only
+        from adadpo_megatron.planner.lora import lora_activation_bytes, lora_stage_params
+
+        trained = lora_stage_params(shape, lay)
+        weights += trained * w_bytes
+        activations += lora_activation_bytes(
+            lay, in_flight_layer_microbatches(shape, lay, pp_rank))
+    optimizer = trained * (12 if lay.bf16 else 8) / shard  # fp32 master (bf16 only), m, v
     last = pp_rank == lay.pp - 1
     parts = {
         "weights": weights,
-        "gradients": n * 4.0,  # fp32 main_grad buffers of megatron-core DDP
+        "gradients": trained * 4.0,  # fp32 main_grad buffers of megatron-core DDP
         "optimizer": optimizer,
-        "activations": activation_bytes(shape, lay, pp_rank),
+        "activations": activations,
         "logits": logits_bytes(shape, lay) if last else 0.0,
         "reference": (n * 2.0 + (gemm * 2.0 if lay.fp8 else 0.0)) if lay.online_reference else 0.0,
     }
@@ -383,7 +398,7 @@ def flops_per_step(shape: ModelShape, lay: Layout, segment_length: int) -> dict[
     forward = tokens * (2 * weights + attn_per_token)
     model = 3 * forward
     extra = forward if lay.recompute_granularity == "full" else 0.0
-    if lay.online_reference:
+    if lay.online_reference or lay.base_reference:
         extra += forward
     return {"model": model, "hardware": model + extra, "tokens": tokens}
 
@@ -405,6 +420,10 @@ def plan(shape: ModelShape, lay: Layout, *, gpu_memory_gib: float = 80.0,
         "padded_vocab_size": shape.padded_vocab(lay.tp),
         "layout": {**dataclasses.asdict(lay), "dp": lay.dp},
     }
+    if lay.lora_rank:
+        from adadpo_megatron.planner.lora import lora_params_total
+
+        result["trainable_params"] = lora_params_total(shape, lay.lora_rank, lay.lora_targets)
     if errors:
         return {**result, "fits": False}
     stages = [memory_per_gpu(shape, lay, r) for r in range(lay.pp)]
