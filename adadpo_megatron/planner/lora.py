@@ -12,10 +12,11 @@ reference is the base itself (no second copy): ``Layout.online_reference`` is Fa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # no runtime import: estimate.py imports this module
-    from adadpo_megatron.planner.estimate import ModelShape
+# ``shape`` arguments are estimate.ModelShape, ``lay`` estimate.Layout (not imported here:
+# estimate.py imports this module).
+ModelShape = Any
 
 __all__ = ["lora_activation_bytes", "lora_layer_params", "lora_params_total",
            "lora_stage_params"]
