@@ -225,10 +225,8 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """sha256 over what a checkpoint must agree on to resume: model shape and loss."""
         d = self.to_dict()
-        keep = {"model": d["model"], "loss": d["loss"]}
-        if d.get("lora"):  # LoRA runs: the adapters' shape too
-            keep["lora"] = d["lora"]
-        blob = json.dumps(keep, sort_keys=True)
+        blob = json.dumps({k: d[k] for k in ("model", "loss", "lora") if d.get(k)},  # lora: if set
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -459,6 +457,7 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
     group, so every error surfaces before any distributed set-up.
     """
     from adadpo_megatron.step.fp8 import FP8Settings, require_transformer_engine
+    from adadpo_megatron.trainer.lora_args import lora_settings_from_args
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -468,6 +467,7 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
     loss = loss_config_from_args(a)
     try:
         fp8 = FP8Settings.from_args(a)
+        lora = lora_settings_from_args(a)  # --lora-*; None without --lora-rank
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if fp8.enabled:
@@ -482,12 +482,6 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
 
     try:
         exits = exit_config_from_args(a)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    from adadpo_megatron.trainer.lora_args import lora_settings_from_args
-
-    try:
-        lora = lora_settings_from_args(a)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return TrainConfig(model=model, parallel=parallel, training=training,
