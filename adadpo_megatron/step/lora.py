@@ -276,7 +276,22 @@ def add_lora(chunks: Sequence[torch.nn.Module], settings: LoRASettings, *, seed:
         if not found:
             raise ValueError(f"--lora-target-modules {' '.join(settings.target_modules)}: no "
                              "such linear layer in the model")
+        embedding = getattr(model, "embedding", None)
+        if embedding is not None:  # first stage: see _input_requires_grad
+            embedding.register_forward_hook(_input_requires_grad)
     return count
+
+
+def _input_requires_grad(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+    """Make the frozen embedding's output require grad (PEFT's enable_input_require_grads).
+
+    Under full activation recompute megatron-core's CheckpointFunction returns outputs that
+    require grad only when an input does; with a frozen embedding none would, and the
+    adapters inside recomputed layers would silently get no gradient.
+    """
+    if isinstance(output, torch.Tensor) and not output.requires_grad and torch.is_grad_enabled():
+        return output.requires_grad_(True)
+    return None
 
 
 def adapter_modules(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, LoRAAdapter]]:

@@ -132,3 +132,47 @@ def test_flags_reference_mode_and_fingerprint():
     assert cfg_of("--lora-rank", "4").fingerprint() != cfg_of("--lora-rank", "8").fingerprint()
     assert "--lora-rank" in error_of("--lora-rank", "0")
     assert "--lora-target-modules" in error_of("--lora-rank", "2", "--lora-target-modules", "q")
+
+
+def test_embedding_output_requires_grad_for_recompute(parallel_state):
+    # Full recompute (megatron-core's CheckpointFunction) drops the graph when no input
+    # requires grad: the frozen embedding's output must, or recomputed adapters get none.
+    model = _llama()
+    add_lora([model], LoRASettings(rank=2, alpha=2), seed=1)
+    out = model.embedding(torch.randint(1, 64, (1, 5)), torch.arange(5)[None])
+    assert out.requires_grad and not model.embedding.word_embeddings.weight.requires_grad
+    with torch.no_grad():
+        assert not model.embedding(torch.randint(1, 64, (1, 5)), torch.arange(5)[None]).requires_grad
+
+
+def test_full_recompute_gives_the_same_adapter_gradients(parallel_state):
+    grads = {}
+    for recompute in (False, True):
+        extra = dict(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1) if recompute else {}
+        from adadpo_megatron.step.model import build_gpt_model, build_transformer_config
+
+        torch.manual_seed(0)
+        config = build_transformer_config(
+            num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+            ffn_hidden_size=48, normalization="RMSNorm", swiglu=True,
+            position_embedding_type="rope", add_bias_linear=False, untie_embeddings=True,
+            **extra)
+        model = build_gpt_model(config, 64, 32, use_te=False)
+        add_lora([model], LoRASettings(rank=2, alpha=2), seed=1)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for _, _, a in adapter_modules(model):
+                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
+        tokens = torch.randint(1, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+        mask = torch.triu(torch.ones(9, 9, dtype=torch.bool), 1)[None, None]
+        try:
+            model(tokens, torch.arange(9)[None], mask).float().pow(2).mean().backward()
+        except AssertionError as e:  # megatron-core's recompute wants the CUDA RNG
+            if "CUDA" in str(e):
+                pytest.skip(f"activation recompute does not run on this CPU layer ({e})")
+            raise
+        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(v is not None and v.abs().max() > 0 for v in grads[True].values())
+    for name, want in grads[False].items():
+        torch.testing.assert_close(grads[True][name], want, rtol=1e-6, atol=0)
