@@ -65,7 +65,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert lora["trainable_params"] == 30 * 4 * (1536 + 1152 + 3648 + 2112)
     assert lora["checkpoint_mib"] < full["checkpoint_mib"] / 20
     assert lora["peak_memory_gib"] < full["peak_memory_gib"]
-    assert 0 < lora["peft_adapter_mib"] < 5
+    assert 0 < lora["peft_adapter_mib"] < 8  # 4.7 MiB in fp32 (A copied to q/k/v, gate/up)
     assert abs(lora["delta_logp_chosen"]) + abs(lora["delta_logp_rejected"]) > 1e-4
     assert (out / "seed1" / "adadpo_lora" / "peft" / "adapter_config.json").is_file()
     assert 0.0 <= lora["heldout_accuracy"] <= 1.0
