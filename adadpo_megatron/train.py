@@ -208,7 +208,14 @@ def build_run(cfg: TrainConfig) -> Run:
     attention = prefix_attention_for(cfg, train_data, eval_data)
     config = _transformer_config(cfg, transformer_config_kwargs(cfg.fp8), reference=False,
                                  prefix_attention=attention)
-    model = build_model_chunks(config, vocab, max_pos, wrap_ddp=True, ddp_config=ddp_config(cfg))
+    lora_base = None
+    if cfg.lora is not None:  # adapters on a frozen base (trainer/lora_run.py)
+        from adadpo_megatron.trainer.lora_run import build_lora_model
+
+        model, lora_base = build_lora_model(cfg, config, vocab, max_pos, ddp_config(cfg))
+    else:
+        model = build_model_chunks(config, vocab, max_pos, wrap_ddp=True,
+                                   ddp_config=ddp_config(cfg))
     if cfg.arch is not None and cfg.arch.num_experts:  # moe/load_imbalance
         from adadpo_megatron.trainer.moe_metrics import watch_routers
 
@@ -227,14 +234,18 @@ def build_run(cfg: TrainConfig) -> Run:
         raise ConfigError(f"--eval-data-path {cfg.io.eval_data_path} has {len(eval_data)} packs, "
                           "fewer than the data-parallel size: every DP rank needs one")
 
-    if cfg.io.load and cfg.io.finetune:
+    if cfg.io.load and cfg.lora is None:
+        from adadpo_megatron.trainer.lora_run import refuse_adapter_checkpoint
+
+        refuse_adapter_checkpoint(cfg.io.load)
+    if cfg.io.load and cfg.io.finetune and cfg.lora is None:
         ckpt.load_model_weights(cfg.io.load, model)
     step_context = StepContext(num_microbatches=1, global_num_pairs=1)
     run = Run(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
               train_data=train_data, position=position, eval_data=eval_data,
               forward_step=make_forward_step(
                   cfg.loss, step_context, logprob_impl=cfg.training.logprob_impl),
-              step_context=step_context)
+              step_context=step_context, lora_base=lora_base)
 
     if cfg.reference.mode == "online":
         ref_config = _transformer_config(cfg, reference_config_kwargs(cfg.fp8), reference=True,
@@ -249,6 +260,9 @@ def build_run(cfg: TrainConfig) -> Run:
             from adadpo_megatron.trainer.reference_source import fingerprint_reference
 
             run.reference_source = fingerprint_reference(cfg.reference.ref_load)
+    elif cfg.reference.mode == "base":  # LoRA: the policy with its adapters off
+        run.reference_step = make_reference_forward_step(
+            logprob_impl=cfg.training.logprob_impl)
     elif cfg.reference.mode == "precomputed":
         run.precomputed = PrecomputedReference(cfg.reference.ref_logprobs,
                                                train_data.fingerprint, train_data.num_pairs)
@@ -257,12 +271,17 @@ def build_run(cfg: TrainConfig) -> Run:
                 default_sidecar_path(cfg.io.eval_data_path), eval_data.fingerprint,
                 eval_data.num_pairs)
 
-    if cfg.io.load and not cfg.io.finetune:
+    if cfg.io.load and not cfg.io.finetune and cfg.lora is not None:
+        from adadpo_megatron.trainer.lora_ckpt import load_lora_checkpoint
+
+        state = load_lora_checkpoint(cfg, run)
+    elif cfg.io.load and not cfg.io.finetune:
         state = ckpt.load_checkpoint(
             cfg.io.load, model=model, optimizer=optimizer, scheduler=scheduler,
             fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
             data_fingerprint=train_data.fingerprint,
             reference=run.reference if run.save_reference else None)
+    if cfg.io.load and not cfg.io.finetune:
         run.iteration = state["iteration"]
         run.skipped_in_a_row = state["skipped_in_a_row"]
         if state.get("reference_source"):  # the reference came from the recorded --ref-load

@@ -15,6 +15,14 @@ Megatron -> HF (``--to-hf``; ``--hf-config`` is the original model's config.json
     python tools/convert_hf_to_megatron.py --to-hf --megatron OUT --format torch_dist \\
         --hf-config HF_DIR/config.json --output HF_OUT
 
+LoRA adapter checkpoints (``adadpo-train --lora-rank``; the base is found from the record in
+the checkpoint and fingerprint-checked)::
+
+    python tools/convert_hf_to_megatron.py --to-hf --megatron SAVE --hf-config ... \
+        --output HF_OUT --merge-lora          # the base with the adapters merged in
+    python tools/convert_hf_to_megatron.py --to-hf --megatron SAVE --hf-config ... \
+        --output PEFT_OUT --peft              # adapter_config.json + adapter_model.safetensors
+
 The family comes from config.json (``model_type``; conversion/families.py lists what is
 refused). The model flags the trainer needs for the converted weights are printed at the end.
 Layouts (fused QKV per query group, fc1 = [gate; up], vocabulary padding) are documented
@@ -56,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert parallel size (torch format, MoE families; expert TP = --tp)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="--megatron is a LoRA adapter checkpoint: merge it into its base")
+    lora.add_argument("--peft", action="store_true",
+                      help="--megatron is a LoRA adapter checkpoint: write the adapters alone "
+                           "in PEFT's format (load with peft.PeftModel.from_pretrained)")
     return p
 
 
@@ -87,6 +101,27 @@ def _to_hf(a: argparse.Namespace) -> hc.LlamaShape:
             shape = hc.LlamaShape.from_hf_config(json.load(f))
         except ValueError as e:
             raise SystemExit(f"convert_hf_to_megatron: error: {a.hf_config}: {e}") from None
+    from adadpo_megatron.trainer.lora_run import read_adapter_meta
+
+    is_adapter = a.format == "torch_dist" and read_adapter_meta(a.megatron) is not None
+    if is_adapter != (a.merge_lora or a.peft):
+        raise SystemExit(f"convert_hf_to_megatron: error: --megatron {a.megatron} is "
+                         + ("a LoRA adapter checkpoint: give --merge-lora or --peft"
+                            if is_adapter else "not a LoRA adapter checkpoint: drop "
+                            f"{'--merge-lora' if a.merge_lora else '--peft'}"))
+    if is_adapter:
+        from adadpo_megatron.conversion import lora
+
+        state, adapters, meta = lora.read_adapter_checkpoint(a.megatron, shape)
+        if a.peft:
+            tensors, config = lora.peft_adapter(adapters, shape, meta,
+                                                os.path.dirname(os.path.abspath(a.hf_config)))
+            lora.write_peft(a.output, tensors, config, DTYPES[a.dtype])
+        else:
+            scaling = meta["settings"]["alpha"] / meta["settings"]["rank"]
+            io.write_hf(lora.merged_hf(state, adapters, shape, scaling), shape, a.output,
+                        dtype=DTYPES[a.dtype])
+        return shape
     if a.format == "torch":
         full = hc.merge(io.read_megatron_torch(a.megatron), shape)
     else:

@@ -143,6 +143,10 @@ def precompute(cfg, source: str | None, output: str | None) -> list[str]:
     from adadpo_megatron.trainer.loop import _is_logging_rank
     from adadpo_megatron.trainer.write_failure import agree
 
+    if source:  # a LoRA adapter checkpoint: its reference is its base (adapters off)
+        from adadpo_megatron.trainer.lora_run import base_of_adapter_checkpoint
+
+        source = base_of_adapter_checkpoint(source, source)
     train_ds = _open_data(cfg, cfg.io.data_path, "--data-path")
     targets = [(train_ds, output or default_sidecar_path(cfg.io.data_path))]
     if cfg.io.eval_data_path:

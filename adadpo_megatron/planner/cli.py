@@ -138,9 +138,14 @@ def layout_from_args(args: argparse.Namespace, shape: ModelShape) -> Layout:
         micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size or args.micro_batch_size * max(world // mp, 1),
         dropout=args.hidden_dropout > 0 or args.attention_dropout > 0,
-        online_reference=needs_reference and not args.ref_logprobs,
+        # LoRA without --ref-load: the reference is the base itself (no second copy).
+        online_reference=needs_reference and not args.ref_logprobs
+        and (args.lora_rank is None or bool(args.ref_load)),
         logprob_impl=args.logprob_impl,
         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+        lora_rank=args.lora_rank, lora_targets=tuple(args.lora_target_modules),
+        base_reference=needs_reference and args.lora_rank is not None
+        and not (args.ref_logprobs or args.ref_load),
     )
 
 
@@ -196,6 +201,9 @@ def format_report(r: dict[str, Any]) -> str:
     if r["params_active"] != r["params_total"]:
         lines.append(f"MoE: {r['params_active'] / 1e9:.3f} B active per token "
                      f"(EP={lay['ep']}, expert TP={lay['etp'] or lay['tp']})")
+    if "trainable_params" in r:
+        lines.append(f"LoRA rank {lay['lora_rank']}: {r['trainable_params'] / 1e6:.2f} M "
+                     "trainable adapter parameters (base frozen)")
     for e in r["errors"]:
         lines.append(f"ERROR: {e}")
     if r["errors"]:

@@ -165,6 +165,12 @@ class Layout:
     """--expert-model-parallel-size (MoE)."""
     etp: int | None = None
     """--expert-tensor-parallel-size (None: TP)."""
+    lora_rank: int | None = None
+    """--lora-rank: LoRA adapters on a frozen base (planner/lora.py); None = full training."""
+    lora_targets: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    """--lora-target-modules."""
+    base_reference: bool = False
+    """LoRA with no --ref-* flag: the reference is a forward pass of the base itself."""
 
     @property
     def dp(self) -> int:
@@ -399,16 +405,27 @@ def memory_per_gpu(shape: ModelShape, lay: Layout, pp_rank: int) -> dict[str, fl
     else:
         weights = n * w_bytes + (gemm * 2.0 if lay.fp8 else 0.0)  # TE's FP8 weight cache
     shard = lay.dp * lay.cp if lay.distributed_optimizer else 1
-    experts = moe.expert_params_on_gpu(shape, lay, pp_rank)  # sharded over expert DP
-    e_shard = moe.expert_data_parallel(lay) if lay.distributed_optimizer else 1
-    # fp32 master (bf16 only), m, v
-    optimizer = ((n - experts) / shard + experts / e_shard) * (12 if lay.bf16 else 8)
+    trained = n
+    activations = activation_bytes(shape, lay, pp_rank)
+    if lay.lora_rank:  # frozen base: grads and Adam state for the adapters only
+        from adadpo_megatron.planner.lora import lora_activation_bytes, lora_stage_params
+
+        trained = lora_stage_params(shape, lay)
+        weights += trained * w_bytes
+        activations += lora_activation_bytes(
+            lay, in_flight_layer_microbatches(shape, lay, pp_rank))
+        optimizer = trained * (12 if lay.bf16 else 8) / shard  # fp32 master (bf16 only), m, v
+    else:
+        experts = moe.expert_params_on_gpu(shape, lay, pp_rank)  # sharded over expert DP
+        e_shard = moe.expert_data_parallel(lay) if lay.distributed_optimizer else 1
+        # fp32 master (bf16 only), m, v
+        optimizer = ((n - experts) / shard + experts / e_shard) * (12 if lay.bf16 else 8)
     last = pp_rank == lay.pp - 1
     parts = {
         "weights": weights,
-        "gradients": n * 4.0,  # fp32 main_grad buffers of megatron-core DDP
+        "gradients": trained * 4.0,  # fp32 main_grad buffers of megatron-core DDP
         "optimizer": optimizer,
-        "activations": activation_bytes(shape, lay, pp_rank),
+        "activations": activations,
         "logits": logits_bytes(shape, lay) if last else 0.0,
         "reference": (n * 2.0 + (gemm * 2.0 if lay.fp8 else 0.0)) if lay.online_reference else 0.0,
     }
@@ -434,7 +451,7 @@ def flops_per_step(shape: ModelShape, lay: Layout, segment_length: int) -> dict[
     forward = tokens * (2 * weights + attn_per_token)
     model = 3 * forward
     extra = forward if lay.recompute_granularity == "full" else 0.0
-    if lay.online_reference:
+    if lay.online_reference or lay.base_reference:
         extra += forward
     return {"model": model, "hardware": model + extra, "tokens": tokens}
 
@@ -457,6 +474,10 @@ def plan(shape: ModelShape, lay: Layout, *, gpu_memory_gib: float = 80.0,
         "padded_vocab_size": shape.padded_vocab(lay.tp),
         "layout": {**dataclasses.asdict(lay), "dp": lay.dp},
     }
+    if lay.lora_rank:
+        from adadpo_megatron.planner.lora import lora_params_total
+
+        result["trainable_params"] = lora_params_total(shape, lay.lora_rank, lay.lora_targets)
     if errors:
         return {**result, "fits": False}
     stages = [memory_per_gpu(shape, lay, r) for r in range(lay.pp)]

@@ -13,6 +13,9 @@ by default ``DATA_DIR/ref_logprobs.npz``, holding
 ``ref_logps [S]`` of each micro-batch from ``pair_index``/``is_chosen``; training then
 holds no reference model.
 
+**Base** (LoRA with no ``--ref-*`` flag): :func:`base_reference_logps` runs the policy's own
+chunks with the adapters off, forward-only, before the policy's pass: no second model.
+
 **Online** (default for losses that need a reference): :func:`build_online_reference`
 builds a second set of model chunks with its own ``TransformerConfig`` (its own FP8
 state, see ``fp8.reference_config_kwargs``), loads ``--ref-load`` or copies the policy's
@@ -32,6 +35,7 @@ import torch
 
 __all__ = [
     "PrecomputedReference",
+    "base_reference_logps",
     "build_online_reference",
     "default_sidecar_path",
     "reference_logps",
@@ -151,6 +155,25 @@ def build_online_reference(build_chunks: Callable[[], list[torch.nn.Module]],
         for p in chunk.parameters():
             p.requires_grad_(False)
     return chunks
+
+
+def base_reference_logps(chunks: Sequence[torch.nn.Module],
+                         run_forward_only: Callable[[list[dict[str, Any]]], list[torch.Tensor]],
+                         microbatches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LoRA's reference = base: :func:`reference_logps` on the policy ``chunks`` themselves,
+    with their adapters off and in eval mode (no dropout; the RNG is not advanced), then
+    back to the mode each chunk was in. No second model is held."""
+    from adadpo_megatron.step.lora import adapters_disabled
+
+    modes = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    try:
+        with adapters_disabled(chunks):
+            return reference_logps(run_forward_only, microbatches)
+    finally:
+        for c, mode in zip(chunks, modes, strict=True):
+            c.train(mode)
 
 
 def reference_logps(run_forward_only: Callable[[list[dict[str, Any]]], list[torch.Tensor]],

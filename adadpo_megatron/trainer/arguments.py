@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fp8_args(p)
     add_exit_args(p)
     add_wandb_args(p)
+    from adadpo_megatron.trainer.lora_args import add_lora_args
+
+    add_lora_args(p)
     return p
 
 

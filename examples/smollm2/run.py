@@ -19,10 +19,16 @@ Stages (each prints its wall time; all of them go into OUT/results.json):
 7. ``export``: ``--to-hf`` back to Hugging Face; the round trip is checked (``roundtrip.py``:
    megatron-core and transformers logits on one held-out sequence);
 8. ``evaluate``: greedy held-out accuracy of each trained model with ``transformers``;
+   each run also records its peak memory (max RSS of the trainer) and checkpoint size;
 9. ``report``: ``OUT/results.json`` and ``OUT/smollm2_adadpo_vs_dpo.png`` (``report.py``).
 
 A stage whose outputs exist is reused (``--fresh`` starts over), so an interrupted run
 resumes. ``--smoke`` runs the same path with a few questions and steps (CI runs it).
+
+``--lora R`` adds the run ``adadpo_lora``: AdaDPO with rank-R adapters on the frozen base
+(``--lora-alpha``, ``--lora-lr``), the reference being the base itself (no side-car),
+exported merged (``--merge-lora``, evaluated like the others) and alone in PEFT's format.
+``--skip-full`` trains only that run (compare with the full runs of an earlier results.json).
 """
 
 from __future__ import annotations
@@ -73,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, choices=(1, 2), default=1,
                    help="2: train DPO and AdaDPO at the same time (one process each)")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
+    p.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="also train AdaDPO with rank-R LoRA adapters (reference = base)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="default 2R")
+    p.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate of the LoRA run")
+    p.add_argument("--skip-full", action="store_true",
+                   help="with --lora: train only the LoRA run")
     return p
 
 
@@ -89,6 +101,9 @@ class Pipeline:
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), os.environ.get("PYTHONPATH", "")]), "TORCHDYNAMO_DISABLE": "1"}
         self.model_flags: list[str] = []
+        self.losses = [] if args.skip_full else list(LOSSES)
+        if args.lora:
+            self.losses.append("adadpo_lora")
 
     # -- helpers -------------------------------------------------------------------------
     def sh(self, *cmd: str | Path, capture: bool = False) -> str:
@@ -173,14 +188,19 @@ class Pipeline:
         self.sh(sys.executable, "tools/precompute_ref_logprobs.py", *self.common_flags(),
                 "--preference-loss", "dpo", "--ref-load", self.out / "mcore_base")
 
-    def train_argv(self, seed: int, loss: str) -> list[str]:
-        run = self.out / f"seed{seed}" / loss
+    def train_argv(self, seed: int, name: str) -> list[str]:
+        run = self.out / f"seed{seed}" / name
+        a = self.args
+        lr = a.lora_lr if name.endswith("_lora") else a.lr
+        if name.endswith("_lora"):  # reference = the base (adapters off): no side-car
+            extra = ["--lora-rank", str(a.lora), "--lora-alpha", str(a.lora_alpha or 2 * a.lora)]
+        else:
+            extra = ["--ref-logprobs", str(self.out / "data" / "train" / "ref_logprobs.npz")]
         return [sys.executable, "-m", "adadpo_megatron.train", *self.common_flags(),
-                "--preference-loss", loss, "--seed", str(seed),
-                "--load", str(self.out / "mcore_base"), "--finetune",
-                "--ref-logprobs", str(self.out / "data" / "train" / "ref_logprobs.npz"),
-                "--train-iters", str(self.size["train_iters"]), "--lr", str(self.args.lr),
-                "--min-lr", str(self.args.lr / 10), "--lr-warmup-fraction", "0.1",
+                "--preference-loss", name.removesuffix("_lora"), "--seed", str(seed),
+                "--load", str(self.out / "mcore_base"), "--finetune", *extra,
+                "--train-iters", str(self.size["train_iters"]), "--lr", str(lr),
+                "--min-lr", str(lr / 10), "--lr-warmup-fraction", "0.1",
                 "--eval-interval", str(self.size["eval_interval"]), "--log-interval", "1",
                 "--log-dir", str(run), "--save", str(run / "ckpt")]
 
@@ -196,12 +216,31 @@ class Pipeline:
                 argv = self.train_argv(seed, loss)
                 print("+", " ".join(argv), flush=True)
                 procs.append((loss, subprocess.Popen(argv, cwd=ROOT, env=self.env)))
-            failed = [loss for loss, p in procs if p.wait()]
+            failed = []
+            for loss, p in procs:  # wait4: this child's own peak RSS (KiB on Linux)
+                _, status, usage = os.wait4(p.pid, 0)
+                p.returncode = os.waitstatus_to_exitcode(status)
+                if p.returncode:
+                    failed.append(loss)
+                (self.out / f"seed{seed}" / loss / "peak_memory.json").write_text(json.dumps(
+                    {"max_rss_gib": usage.ru_maxrss / 2**20}) + "\n")
             if failed:
                 raise SystemExit(f"examples/smollm2: training failed for {failed} (seed {seed})")
 
     def export(self, seed: int, loss: str) -> None:
         run = self.out / f"seed{seed}" / loss
+        (run / "sizes.json").write_text(json.dumps(_ckpt_sizes(run)) + "\n")
+        if loss.endswith("_lora"):  # merged (evaluated) and PEFT (the adapters alone)
+            for how, dest in (("--merge-lora", "hf"), ("--peft", "peft")):
+                self.sh(sys.executable, "tools/convert_hf_to_megatron.py", "--to-hf",
+                        "--megatron", run / "ckpt", "--hf-config",
+                        self.out / "base_hf" / "config.json", "--output", run / dest,
+                        "--dtype", "fp32", how)
+            (run / "roundtrip.json").write_text(json.dumps(
+                {"max_abs_diff": None, "max_abs_logit": None, "note": "LoRA: PEFT, merged and "
+                 "megatron-core logits are compared by tests/distributed/test_lora_export.py"})
+                + "\n")
+            return
         self.sh(sys.executable, "tools/convert_hf_to_megatron.py", "--to-hf",
                 "--megatron", run / "ckpt", "--hf-config", self.out / "base_hf" / "config.json",
                 "--output", run / "hf", "--dtype", "fp32")
@@ -247,9 +286,11 @@ class Pipeline:
         )["trainer_flags"]
         self.stage("data", out / "data" / "data.json", self.data)
         self.stage("pack", out / "data" / "heldout" / "meta.json", self.pack)
-        self.stage("reference", out / "data" / "heldout" / "ref_logprobs.npz", self.reference)
+        if any(not loss.endswith("_lora") for loss in self.losses):  # LoRA: reference = base
+            self.stage("reference", out / "data" / "heldout" / "ref_logprobs.npz",
+                       self.reference)
         for seed in self.args.seeds:
-            runs = {loss: out / f"seed{seed}" / loss for loss in LOSSES}
+            runs = {loss: out / f"seed{seed}" / loss for loss in self.losses}
             pending = [loss for loss, run in runs.items()
                        if not (run / "ckpt" / "latest_checkpointed_iteration.txt").exists()
                        and not (run / "roundtrip.json").exists()]
@@ -263,10 +304,20 @@ class Pipeline:
                            lambda s=seed, n=loss: self.evaluate(s, n))
         if self.times:  # some stage ran (a fully reused run has no time of its own)
             self.times["total"] = round(time.perf_counter() - start, 1)
-        path = report.write(out, self.args, self.size, self.times)
+        path = report.write(out, self.args, self.size, self.times, self.losses)
         print(report.markdown_table(json.loads(path.read_text())))
         print(f"== wrote {path} and {out / report.PLOT}")
         return path
+
+
+def _ckpt_sizes(run: Path) -> dict[str, Any]:
+    """Bytes of the run's final checkpoint, and its adapter count for a LoRA run."""
+    from adadpo_megatron.trainer.checkpointing import _iter_dir, latest_iteration
+
+    ckpt = Path(_iter_dir(str(run / "ckpt"), latest_iteration(str(run / "ckpt"))))
+    meta = json.loads((ckpt / "adadpo_meta.json").read_text())
+    return {"checkpoint_bytes": sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
+            "adapter_params": meta.get("lora", {}).get("adapter_params")}
 
 
 def main(argv: list[str] | None = None) -> int:

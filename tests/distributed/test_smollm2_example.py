@@ -27,7 +27,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "smollm2"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHDYNAMO_DISABLE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "examples/smollm2/run.py"), "--smoke",
-                           "--out", str(out)], cwd=ROOT, env=env, text=True,
+                           "--lora", "4", "--out", str(out)], cwd=ROOT, env=env, text=True,
                           capture_output=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
@@ -59,6 +59,17 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= run["heldout_accuracy"] <= 1.0
         assert all(g is not None and g > 0 for g in curves["grad_ratio"])
         assert (out / "seed1" / loss / "hf" / "model.safetensors").is_file()
+    # --lora 4: AdaDPO with adapters (reference = the base), exported merged and as PEFT.
+    lora = results["runs"]["adadpo_lora"]["1"]
+    full = results["runs"]["adadpo"]["1"]
+    # 30 layers x r=4 x (qkv 576+960, proj 576+576, fc1 576+3072, fc2 1536+576)
+    assert lora["trainable_params"] == 30 * 4 * (1536 + 1152 + 3648 + 2112)
+    assert lora["checkpoint_mib"] < full["checkpoint_mib"] / 20
+    assert lora["peak_memory_gib"] < full["peak_memory_gib"]
+    assert 0 < lora["peft_adapter_mib"] < 8  # 4.7 MiB in fp32 (A copied to q/k/v, gate/up)
+    assert abs(lora["delta_logp_chosen"]) + abs(lora["delta_logp_rejected"]) > 1e-4
+    assert (out / "seed1" / "adadpo_lora" / "peft" / "adapter_config.json").is_file()
+    assert 0.0 <= lora["heldout_accuracy"] <= 1.0
     assert_training_learned(results, out)
     assert task.is_correct(task.Question(59, 63), "What is 59 + 63? 59 + 63 = 122")
 
