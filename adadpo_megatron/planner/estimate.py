@@ -415,11 +415,8 @@ def memory_per_gpu(shape: ModelShape, lay: Layout, pp_rank: int) -> dict[str, fl
         activations += lora_activation_bytes(
             lay, in_flight_layer_microbatches(shape, lay, pp_rank))
         optimizer = trained * (12 if lay.bf16 else 8) / shard  # fp32 master (bf16 only), m, v
-    else:
-        experts = moe.expert_params_on_gpu(shape, lay, pp_rank)  # sharded over expert DP
-        e_shard = moe.expert_data_parallel(lay) if lay.distributed_optimizer else 1
-        # fp32 master (bf16 only), m, v
-        optimizer = ((n - experts) / shard + experts / e_shard) * (12 if lay.bf16 else 8)
+    else:  # experts' state is sharded over the expert-data-parallel group
+        optimizer = moe.adam_state_bytes(shape, lay, pp_rank, n, shard)
     last = pp_rank == lay.pp - 1
     parts = {
         "weights": weights,

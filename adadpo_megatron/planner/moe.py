@@ -103,3 +103,12 @@ def check_moe_layout(shape: Any, lay: Any, need) -> None:
          f"{per_stage} GPUs of a pipeline stage")
     need(lay.tp == 1 or lay.sequence_parallel,
          "MoE with TP > 1 needs --sequence-parallel (megatron-core)")
+
+
+def adam_state_bytes(shape: Any, lay: Any, pp_rank: int, params: float, shard: int) -> float:
+    """Adam state bytes on one GPU of ``pp_rank`` holding ``params`` parameters: fp32 master
+    (bf16 runs only), m and v; dense parameters sharded ``shard`` ways by the distributed
+    optimizer, expert parameters over the expert-data-parallel group."""
+    experts = expert_params_on_gpu(shape, lay, pp_rank)
+    e_shard = expert_data_parallel(lay) if lay.distributed_optimizer else 1
+    return ((params - experts) / shard + experts / e_shard) * (12 if lay.bf16 else 8)
