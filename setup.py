@@ -59,6 +59,7 @@ setup(
             "six>=1.16",
             "pybind11>=2.11",
             "wandb>=0.17",  # the W&B tests (offline)
+            "peft>=0.13",  # our PEFT-format LoRA export loads in peft (tests only)
         ],
     },
     entry_points={
