@@ -62,6 +62,6 @@ def test_dry_run_command() -> None:
                          check=True, capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "SKIP_PLAN": "1"}).stdout
     tokens = shlex.split(out)
-    assert tokens[:5] == ["torchrun", "--nnodes", "1", "--nproc-per-node", "8"]
+    assert tokens[:7] == ["torchrun", "--nnodes", "1", "--node-rank", "0", "--nproc-per-node", "8"]
     args = build_parser().parse_args(tokens[tokens.index("adadpo_megatron.train") + 1:])
     assert args.seed == 7 and args.lora_rank == 16
