@@ -192,9 +192,31 @@ class SaveLease:
 
     def _start(self) -> None:
         _current[os.path.realpath(os.path.dirname(self.path))] = self
+        self._clear_dead_staging()
         self._thread = threading.Thread(target=self._beat, name="adadpo-save-lease",
                                         daemon=True)
         self._thread.start()
+
+    def _clear_dead_staging(self) -> None:
+        """What a killed writer left in ``--save`` (it cannot clean up after ``kill -9``):
+        ``iter_N.tmp-*`` (never committed) is removed; ``iter_N.old-*`` (a checkpoint moved
+        aside while the same step was saved again) is removed when ``iter_N`` exists, else
+        put back. Safe: this job holds the lease and has written nothing yet."""
+        import re
+        import shutil
+
+        root = os.path.dirname(self.path)
+        for name in sorted(os.listdir(root)):
+            match = re.fullmatch(r"(iter_\d+)\.(tmp|old)-\w+", name)
+            if match is None:
+                continue
+            path, final = os.path.join(root, name), os.path.join(root, match.group(1))
+            if match.group(2) == "old" and not os.path.exists(final):
+                os.replace(path, final)
+                self.note(f"adadpo-train: restored {final} from {name}, left by a killed job")
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            self.note(f"adadpo-train: removed {path}, left unfinished by a killed job")
 
     def _beat(self) -> None:
         while not self._stop.wait(max(0.05, self.stale_after / 10)):
