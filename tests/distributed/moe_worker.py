@@ -168,15 +168,21 @@ def _merge(everyone, shape):
 
 
 def _planned_params(case, pp_rank: int) -> int:
-    """The planner's parameter count for this rank of the case's layout."""
+    """The planner's parameter count for this rank of the case's layout.
+
+    The models here have exactly ``VOCAB`` rows at every TP (no padding), i.e. Megatron-LM's
+    ``--make-vocab-size-divisible-by VOCAB // TP``; the planner's default (128 x TP) would
+    count 256 rows at TP=2."""
     from adadpo_megatron.planner.estimate import Layout, ModelShape, stage_params
 
+    tp = case.get("tp", 1)
     shape = ModelShape(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
                        num_query_groups=2, vocab_size=VOCAB, qk_layernorm=True, num_experts=4,
                        moe_router_topk=2, moe_ffn_hidden_size=32,
-                       moe_shared_expert_intermediate_size=16)
-    lay = Layout(tp=case.get("tp", 1), pp=case.get("pp", 1), ep=case["ep"],
-                 etp=case.get("etp"), world_size=dist.get_world_size())
+                       moe_shared_expert_intermediate_size=16,
+                       make_vocab_size_divisible_by=VOCAB // tp)
+    lay = Layout(tp=tp, pp=case.get("pp", 1), ep=case["ep"], etp=case.get("etp"),
+                 sequence_parallel=case.get("sp", False), world_size=dist.get_world_size())
     return sum(stage_params(shape, lay, pp_rank).values())
 
 

@@ -9,9 +9,8 @@ unequal numbers of pairs (3, 2, 3, 2) dealt round-robin to the DP ranks.
 
 Layouts: EP=2 on 2 ranks (so DP=2 too: the EP ranks hold different data) with the
 ``allgather`` and ``alltoall`` dispatchers; on 4 ranks EP=2 x PP=2, EP=2 x DP=2 (dense
-DP=4, expert DP=2) and EP=2 x expert-TP=2. Dense TP > 1 with MoE needs sequence
-parallelism in megatron-core, which does not run on the CPU (torch norms refuse it), so
-TP=2 for the attention is not covered here; expert TP is.
+DP=4, expert DP=2), EP=2 x expert-TP=2 (dense TP=1) and EP=2 x TP=2 with sequence
+parallelism (megatron-core's rule for MoE at TP > 1; expert TP = TP = 2).
 """
 
 from __future__ import annotations
@@ -69,5 +68,6 @@ def test_moe_ep2_two_ranks() -> None:
 @pytest.mark.distributed
 def test_moe_ep2_with_pp_dp_and_expert_tp_four_ranks() -> None:
     for r in _results(4, [dict(name="ep2-pp2", ep=2, pp=2), dict(name="ep2-dp2", ep=2),
-                          dict(name="ep2-etp2", ep=2, etp=2)]).values():
+                          dict(name="ep2-etp2", ep=2, etp=2),
+                          dict(name="ep2-tp2-sp", ep=2, tp=2, sp=True)]).values():
         _check(r)
