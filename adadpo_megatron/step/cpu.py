@@ -221,19 +221,21 @@ def init_distributed_cpu(timeout_minutes: float = 10.0) -> None:
     """Initialises the default process group with gloo from torchrun's environment.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (set by torchrun);
-    a process started without them gets a one-process group on a free local port.
-    Also calls :func:`enable_cpu_megatron`. Does nothing if a group already exists.
+    a process started without them gets a one-process group on an in-memory store (no port:
+    picking a "free" port and binding it later races with every other process on the
+    machine, which once failed a CI run with EADDRINUSE). Also calls
+    :func:`enable_cpu_megatron`. Does nothing if a group already exists.
     """
     enable_cpu_megatron()
     if torch.distributed.is_initialized():
         return
-    if "RANK" not in os.environ:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    one_process = os.environ.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in os.environ
+    if "RANK" not in os.environ or one_process:
+        os.environ.update(RANK="0", WORLD_SIZE="1")
+        torch.distributed.init_process_group(
+            "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1,
+            timeout=datetime.timedelta(minutes=timeout_minutes))
+        return
     from adadpo_megatron.step.elastic_store import init_process_group_elastic
 
     init_process_group_elastic("gloo", datetime.timedelta(minutes=timeout_minutes))
