@@ -12,8 +12,8 @@ CP and SP use the worker's attention-free "mlp" stand-in (fc1 column-parallel, f
 row-parallel): megatron-core's local attention refuses CP, its local norms refuse SP.
 Under SP the stand-in runs megatron-core's own SP linears (input all-gather inside fc1,
 reduce-scatter out of fc2), so the adapters' SP collectives are exercised end to end.
-Where the plugin has SP-aware norms for the CPU (``adadpo_megatron.step.norms``), real
-GPTModels run TP=2+SP too, in both pack layouts.
+Real GPTModels run TP=2+SP too (the CPU layer's SP-aware norms, ``step/norms.py``), in both
+pack layouts.
 
 Run by hand:
 ``torchrun --nproc-per-node 2 tests/distributed/lora_worker.py '[{"name": "tp2", "model": "llama", "fmt": "packed", "tp": 2, "mb_pairs": [3, 1, 2, 4]}]'``
@@ -21,7 +21,6 @@ Run by hand:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -45,13 +44,11 @@ TWO_RANKS = [
     dict(name="dp2-shared", model="llama", fmt="shared", mb_pairs=[1, 3, 6]),
     dict(name="cp2-packed", model="mlp", fmt="packed", cp=2, mb_pairs=[3, 1, 2, 4]),
     dict(name="tp2sp-packed", model="mlp", fmt="packed", tp=2, sp=True, mb_pairs=[3, 1, 2, 4]),
+    # Real GPTModels under SP (the CPU layer's SP-aware norms, step/norms.py).
+    dict(name="tp2sp-llama-packed", model="llama", fmt="packed", tp=2, sp=True,
+         mb_pairs=[3, 1, 2, 4]),
+    dict(name="tp2sp-gpt-shared", model="gpt", fmt="shared", tp=2, sp=True, mb_pairs=[1, 9]),
 ]
-if importlib.util.find_spec("adadpo_megatron.step.norms") is not None:  # SP norms on the CPU
-    TWO_RANKS += [
-        dict(name="tp2sp-llama-packed", model="llama", fmt="packed", tp=2, sp=True,
-             mb_pairs=[3, 1, 2, 4]),
-        dict(name="tp2sp-gpt-shared", model="gpt", fmt="shared", tp=2, sp=True, mb_pairs=[1, 9]),
-    ]
 FOUR_RANKS = [
     dict(name="tp2pp2-packed", model="llama", fmt="packed", tp=2, pp=2, mb_pairs=[3, 1, 2, 4],
          pad_to=96),
